@@ -1,0 +1,248 @@
+"""Stage 2 (dvt.denoiser): official-format checkpoints, our checkpoints, bad input, training/resume, the CLI, DDP on CPU,
+and generalization of a denoiser trained on planted pairs to unseen photos."""
+import json, os, subprocess, sys, textwrap
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import fastcore.test as fct
+from safetensors.torch import save_file
+from timm.models.vision_transformer import Block
+
+import dvt.denoiser as dd
+from dvt.stage1_data import write_stage1
+from dvt.denoiser import (Denoiser, DenoisedBackbone, load_official, load_denoiser, save_denoiser, load_denoiser_state,
+                          TrainConfig, train_denoiser, train_denoiser_cli, PairFolder, token_loss)
+
+
+def official_dict(C, n, seed=0, prefix="denoiser.", extra_keys=None):
+    "A state dict in the released DVT layout, built from timm's Block independently of dvt.Denoiser."
+    g = torch.Generator().manual_seed(seed)
+    blk = Block(C, C // 64, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    sd = {f"{prefix}{k}": torch.randn(v.shape, generator=g) for k, v in blk.state_dict().items()}
+    sd["pos_embed"] = torch.randn(1, n, C, generator=g)
+    sd.update(extra_keys or {})
+    return sd
+
+
+def write_pairs(folder, raw, clean, model="toy"):
+    "Write (N, h, w, C) raw/clean tensors as a stage-1 output folder."
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    for i in range(len(raw)): write_stage1(folder / f"img{i:03d}.safetensors", raw[i], clean[i], {"image": f"img{i}", "model": model})
+    (folder / "config.json").write_text(json.dumps({"model": model}))
+    return folder
+
+
+def toy_pairs(folder, n=12, grid=(6, 6), C=64, seed=0):
+    "Raw = clean + a fixed position pattern (+ noise): a denoiser can learn it."
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randn(n, *grid, C, generator=g)
+    art = torch.randn(1, *grid, C, generator=g)
+    return write_pairs(folder, clean + art + 0.05 * torch.randn(clean.shape, generator=g), clean)
+
+
+# ---------------------------------------------------------------- official checkpoints
+@pytest.mark.parametrize("n,side", [(1369, 37), (1024, 32)])
+def test_official_vitb_layout_loads_every_tensor(tmp_path, n, side):
+    sd = official_dict(768, n, extra_keys={})
+    torch.save({"denoiser": sd, "optimizer": {"state": {}, "param_groups": []}, "step": 50000}, tmp_path / "m.pth")
+    den = load_official(tmp_path / "m.pth")
+    fct.test_eq((den.embed_dim, den.grid, den.num_heads), (768, (side, side), 12))
+    own = den.state_dict()
+    fct.test_eq(len(own), len(sd))
+    for k, v in sd.items(): assert torch.equal(own["block." + k[9:] if k.startswith("denoiser.") else k], v), k
+    with torch.inference_mode():
+        for h in (37, 32, 23):
+            fct.test_eq(den(torch.randn(1, h, h, 768)).shape, (1, h, h, 768))
+    fct.test_eq(den.training, False)
+
+
+def test_official_variants_v2_sequential_and_vit_keys(tmp_path):
+    sd = official_dict(384, 1369, prefix="denoiser.0.", extra_keys={"vit.model.cls_token": torch.zeros(1, 1, 384)})
+    torch.save({"denoiser": sd}, tmp_path / "v2.pth")
+    den = load_official(tmp_path / "v2.pth")
+    assert torch.equal(den.block.mlp.fc1.weight, sd["denoiser.0.mlp.fc1.weight"])
+    torch.save({"denoiser": {**sd, **{k.replace(".0.", ".1.", 1): v for k, v in sd.items() if k.startswith("denoiser.0.")}}},
+               tmp_path / "two.pth")
+    fct.test_fail(lambda: load_official(tmp_path / "two.pth"), contains="several blocks")
+
+
+def test_official_runs_behind_a_backbone_at_518_and_448(tmp_path):
+    from dvt.backbones import Backbone
+    torch.save({"denoiser": official_dict(384, 1369)}, tmp_path / "vit_small_patch14_dinov2.lvd142m.pth")
+    dbb = DenoisedBackbone(Backbone("vit_small_patch14_dinov2.lvd142m", pretrained=False),
+                           load_official(tmp_path / "vit_small_patch14_dinov2.lvd142m.pth"))
+    with torch.inference_mode():
+        for size, g in ((518, 37), (448, 32)):
+            y = dbb(torch.rand(1, 3, size, size))
+            fct.test_eq(y.shape, (1, g, g, 384)); assert torch.isfinite(y).all()
+
+
+def test_official_by_name_uses_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+    f = tmp_path / "cached.pth"; torch.save({"denoiser": official_dict(384, 1369)}, f)
+    asked = []
+    def fake(repo_id, filename, **kw): asked.append((repo_id, filename)); return str(f)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    den = load_official("vit_small_patch14_dinov2.lvd142m")
+    fct.test_eq(asked, [("jjiaweiyang/DVT", "voc_denoised/vit_small_patch14_dinov2.lvd142m.pth")])
+    fct.test_eq(den.grid, (37, 37))
+    load_official("vit_base_patch14_dinov2.lvd142m", folder="imgnet_denoised")
+    fct.test_eq(asked[-1][1], "imgnet_denoised/vit_base_patch14_dinov2.lvd142m.pth")
+
+    def offline(repo_id, filename, **kw): raise OSError("offline mode is enabled")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    fct.test_fail(lambda: load_official("vit_small_patch14_dinov2.lvd142m"), contains="huggingface-cli download jjiaweiyang/DVT")
+
+
+# ---------------------------------------------------------------- our checkpoints
+def test_roundtrip_bit_identical_and_folder(tmp_path):
+    torch.manual_seed(0)
+    den = Denoiser(128, grid=(5, 7))
+    with torch.no_grad(): den.block.norm1.weight.normal_()
+    f = save_denoiser(den, tmp_path / "run" / "denoiser", backbone="x")
+    fct.test_eq(f.name, "denoiser.safetensors"); assert (tmp_path / "run" / "denoiser.json").is_file()
+    for again in (load_denoiser(f), load_denoiser(tmp_path / "run")):
+        fct.test_eq(again.grid, (5, 7))
+        for k, v in den.state_dict().items(): assert torch.equal(v, again.state_dict()[k]), k
+    x = torch.randn(2, 5, 7, 128)
+    with torch.inference_mode(): assert torch.equal(den.eval()(x), load_denoiser(f)(x))
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_checkpoints(tmp_path):
+    torch.save({"denoiser": official_dict(768, 1024)}, tmp_path / "p16.pth")
+    sd = dd._read_official(tmp_path / "p16.pth")
+    fct.test_fail(lambda: load_denoiser_state(Denoiser(768, 37), sd), contains="grid does not match")
+    fct.test_fail(lambda: load_denoiser_state(Denoiser(384, 32), sd), contains="wrong embed dim")
+    fct.test_fail(lambda: load_denoiser_state(Denoiser(768, 32), {k: v for k, v in sd.items() if "fc2" not in k}),
+                  contains="missing keys")
+    torch.save({"something": {"a": torch.zeros(1)}}, tmp_path / "other.pth")
+    fct.test_fail(lambda: load_official(tmp_path / "other.pth"), contains="no denoiser state dict")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "flat.pth")
+    fct.test_fail(lambda: load_official(tmp_path / "flat.pth"), contains="no pos_embed")
+    torch.save([1, 2], tmp_path / "list.pth")
+    fct.test_fail(lambda: load_official(tmp_path / "list.pth"), contains="no denoiser state dict")
+    good = save_denoiser(Denoiser(64, 4), tmp_path / "ok.safetensors")
+    raw = good.read_bytes(); (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "cut.json").write_text((tmp_path / "ok.json").read_text())
+    fct.test_fail(lambda: load_denoiser(tmp_path / "cut.safetensors"), contains="corrupted")
+    (tmp_path / "ok.json").unlink()
+    fct.test_fail(lambda: load_denoiser(good), contains="config next to the weights")
+
+
+class _Evil:
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["top", "inside"])
+def test_malicious_pickle_is_refused_without_running(tmp_path, where):
+    marker = tmp_path / "pwned"
+    obj = _Evil(marker) if where == "top" else {"denoiser": {"pos_embed": _Evil(marker)}}
+    torch.save(obj, tmp_path / "evil.pth")
+    fct.test_fail(lambda: load_official(tmp_path / "evil.pth"), contains="nothing in them was run")
+    fct.test_fail(lambda: load_denoiser(tmp_path / "evil.pth"), contains="nothing in them was run")
+    assert not marker.exists()
+
+
+def test_bad_pairs(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    a = write_pairs(tmp_path / "a", torch.randn(2, 4, 4, 8, generator=g), torch.randn(2, 4, 4, 8, generator=g))
+    save_file({"raw": torch.zeros(5, 5, 8), "clean": torch.zeros(5, 5, 8)}, str(a / "other.safetensors"))
+    fct.test_fail(lambda: PairFolder(a), contains="different grids")
+    b = tmp_path / "b"; b.mkdir(); save_file({"raw": torch.zeros(4, 4, 8)}, str(b / "x.safetensors"))
+    fct.test_fail(lambda: PairFolder(b), contains="not a raw/clean pair")
+    c = tmp_path / "c"; c.mkdir()
+    fct.test_fail(lambda: PairFolder(c), contains="dvt_denoise")
+
+
+def test_denoised_backbone_contract_with_planted():
+    from dvt.synthetic import PlantedBackbone
+    pb = PlantedBackbone(embed_dim=64, patch_size=8, input_size=64)
+    dbb = DenoisedBackbone(pb, Denoiser(64, 8)).eval()
+    fct.test_eq((dbb.patch_size, dbb.stride, dbb.embed_dim, dbb.input_size, dbb.num_prefix_tokens, dbb.name),
+                (8, 8, 64, 64, 0, "planted"))
+    with torch.inference_mode():
+        fct.test_eq(dbb(torch.rand(2, 3, 64, 96)).shape, (2, 8, 12, 64))
+        fct.test_eq(dbb.features(torch.rand(1, 3, 64, 64), layers=[0, -1])[1].shape, (1, 8, 8, 64))
+    fct.test_fail(lambda: DenoisedBackbone(pb, Denoiser(128, 8)), contains="128-wide")
+    fct.test_fail(lambda: DenoisedBackbone(nn.Linear(2, 2), Denoiser(64, 8)), contains="backbone contract")
+
+
+# ---------------------------------------------------------------- training
+def test_training_learns_and_resumes_exactly(tmp_path):
+    pairs = toy_pairs(tmp_path / "pairs")
+    cfg = TrainConfig(steps=60, batch_size=4, blr=3e-2, save_every=25)
+    ref = train_denoiser(pairs, tmp_path / "ref", cfg, progress=False, curve=tmp_path / "ref.png")
+    assert (tmp_path / "ref.png").stat().st_size > 1000
+    data = PairFolder(pairs)
+    raw = torch.stack([data[i][0] for i in range(len(data))]); clean = torch.stack([data[i][1] for i in range(len(data))])
+    with torch.inference_mode(): assert token_loss(ref(raw), clean) < 0.5 * token_loss(raw, clean)
+
+    class Crash(Exception): pass
+    def crash(step, loss):
+        if step == 30: raise Crash()
+    with pytest.raises(Crash): train_denoiser(pairs, tmp_path / "cut", cfg, progress=False, curve=None, callback=crash)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "cut" / dd.STATE_FILE), "pt") as f: fct.test_eq(f.metadata()["step"], "25")  # last checkpoint
+    resumed = train_denoiser(pairs, tmp_path / "cut", cfg, progress=False, curve=None)
+    for k, v in ref.state_dict().items(): assert torch.equal(v, resumed.state_dict()[k]), k
+    # a finished run resumed again does nothing and keeps the weights
+    again = train_denoiser(pairs, tmp_path / "cut", cfg, progress=False, curve=None)
+    for k, v in ref.state_dict().items(): assert torch.equal(v, again.state_dict()[k]), k
+
+
+def test_cli(tmp_path, capsys):
+    pairs = toy_pairs(tmp_path / "pairs", n=6)
+    train_denoiser_cli([str(pairs), str(tmp_path / "out"), "--preset", "smoke", "--steps", "3", "--batch-size", "2",
+                        "--no-progress", "--curve", str(tmp_path / "c.png")])
+    assert "wrote" in capsys.readouterr().out
+    den = load_denoiser(tmp_path / "out")
+    fct.test_eq((den.embed_dim, den.grid), (64, (6, 6)))
+    cfg = json.loads((tmp_path / "out" / "denoiser.json").read_text())
+    fct.test_eq((cfg["backbone"], cfg["train"]["steps"], cfg["train"]["batch_size"]), ("toy", 3, 2))
+    assert (tmp_path / "c.png").is_file()
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    "torchrun --nproc_per_node 2 (gloo, CPU) gives the weights of a single-process run: the global batch is the same."
+    pairs = toy_pairs(tmp_path / "pairs", n=8)
+    args = [str(pairs), "--preset", "smoke", "--steps", "6", "--batch-size", "4", "--no-progress", "--curve", str(tmp_path / "none.png"),
+            "--device", "cpu"]
+    script = tmp_path / "run.py"
+    script.write_text("from dvt.denoiser import train_denoiser_cli\ntrain_denoiser_cli()\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(dd.__file__).parents[1])}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), args[0], str(tmp_path / "ddp"), *args[1:]], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(2 processes)" in r.stdout, r.stdout
+    train_denoiser_cli([args[0], str(tmp_path / "one"), *args[1:]])
+    a, b = load_denoiser(tmp_path / "ddp"), load_denoiser(tmp_path / "one")
+    for k, v in a.state_dict().items(): fct.test_close(v, b.state_dict()[k], eps=1e-4)
+
+
+# ---------------------------------------------------------------- generalization (planted backbone, unseen photos)
+def test_generalizes_to_unseen_photos(tmp_path):
+    from dvt.synthetic import PlantedBackbone
+    from dvt.data import sample_images, resize_images
+    from dvt.views import make_views, render_views
+    pb = PlantedBackbone(embed_dim=64, patch_size=8, input_size=128)
+    g = torch.Generator().manual_seed(0)
+    raws, cleans = [], []
+    for img in sample_images(names=["astronaut", "coffee", "hubble_deep_field", "immunohistochemistry", "camera"]):
+        v = render_views(resize_images(img, 128), make_views(11, 128, 8, generator=g, scale=(0.25, 1.0)))
+        with torch.inference_mode(): raws.append(pb(v)); cleans.append(pb.parts(v)["clean"])
+    pairs = write_pairs(tmp_path / "pairs", torch.cat(raws), torch.cat(cleans), model="planted")
+    den = train_denoiser(pairs, tmp_path / "run", TrainConfig(steps=150, batch_size=8, blr=1.6e-2, save_every=150),
+                         progress=False, curve=None)
+    x = torch.stack([resize_images(im, 128) for im in sample_images(names=["chelsea", "rocket", "retina"])])
+    centre = lambda t: t - t.mean((1, 2), keepdim=True)
+    rel = lambda t, c: (centre(t) - centre(c)).flatten(1).norm(dim=1) / centre(c).flatten(1).norm(dim=1)
+    with torch.inference_mode():
+        raw, clean = pb(x), pb.parts(x)["clean"]
+        e_raw, e_den = rel(raw, clean), rel(den(raw), clean)
+    assert (e_den < 0.6 * e_raw).all(), (e_raw, e_den)
