@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/index.ipynb #ad1fc19e
+# %% ../nbs/index.ipynb #adeb9c02
 import importlib
 
 _API = {
@@ -15,7 +15,13 @@ _API = {
     "PlantedBackbone": "synthetic",
     "denoise_image": "stage1",
     "Denoiser": "denoiser", "DenoisedBackbone": "denoiser", "load_official": "denoiser",
-    "srt": "resonance",
+    "load_denoiser": "denoiser", "save_denoiser": "denoiser", "train_denoiser": "denoiser",
+    "distill": "distill",
+    "srt": "resonance", "SRTTeacher": "resonance",
+    "mic": "metrics", "position_mic": "metrics",
+    "make_fixtures": "datasets", "load_dataset": "datasets",
+    "run_seg_probe": "probes", "run_depth_probe": "probes",
+    "run_lost": "discovery", "run_davis": "discovery",
 }
 
 def __getattr__(name: str):

@@ -15,7 +15,7 @@ def test_every_case_runs_tiny_with_floor(tmp_path):
     plan = plan_rows("tiny")
     fct.test_eq([(r["case"], r["config"]) for r in rows], [(c.name, bench.config_str(p)) for c, p in plan])
     cases = {c.name for c, _ in plan}
-    assert {"backbone", "denoised", "stage1_extract", "stage1_fit", "stage1_image"} <= cases, cases
+    assert {"backbone", "denoised", "stage1_extract", "stage1_fit", "stage1_image", "srt", "srt_plain"} <= cases, cases
     assert "test_suite" not in cases                                  # opt-in: the suite never times itself
     for r in rows:
         assert r["status"] == "measured", (r["case"], r["note"])
@@ -24,8 +24,9 @@ def test_every_case_runs_tiny_with_floor(tmp_path):
         assert r["shape"] and r["unit"].endswith("/s") and r["machine"].startswith("CPU")
         if r["case"] != "stage1_image":                               # end-to-end rows have no floor of their own
             assert float(r["gflop"]) > 0 and float(r["min_mb"]) > 0 and float(r["over_floor"]) > 0, r
-    den = next(r for r in rows if r["case"] == "denoised")
-    assert float(den["ratio"]) > 0 and den["baseline"].startswith("backbone: ")
+    for case, base in (("denoised", "backbone"), ("srt", "srt_plain")):
+        r = next(r for r in rows if r["case"] == case)
+        assert float(r["ratio"]) > 0 and r["baseline"].startswith(f"{base}: "), r
     disk = read_rows(tmp_path / "r.csv")
     fct.test_eq(len(disk), len(rows)); fct.test_eq(list(disk[0]), list(COLUMNS))
     md = (tmp_path / "r.md").read_text()
@@ -89,4 +90,6 @@ def test_profiles_plan_the_issue_rows():
     gpu = [f"{c.name}: {bench.config_str(p)}" for c, p in plan_rows("gpu")]
     assert any("stage1_image" in r and "preset=paper" in r and "vit_base" in r and "size=518" in r for r in gpu), gpu
     assert any(r.startswith("denoised") and "vit_base" in r and "size=518" in r for r in gpu)
+    assert any(r.startswith("srt:") and "radius=3" in r and "vit_base" in r for r in gpu)    # 49 shifts
+    assert any(r.startswith("srt_plain:") and "radius=3" in r and "vit_base" in r for r in gpu)
     for c in CASES.values(): assert c.opt_in or all(c.plans.get(p) for p in ("tiny", "cpu", "gpu")), c.name

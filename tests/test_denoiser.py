@@ -108,7 +108,10 @@ def test_roundtrip_bit_identical_and_folder(tmp_path):
         fct.test_eq(again.grid, (5, 7))
         for k, v in den.state_dict().items(): assert torch.equal(v, again.state_dict()[k]), k
     x = torch.randn(2, 5, 7, 128)
-    with torch.inference_mode(): assert torch.equal(den.eval()(x), load_denoiser(f)(x))
+    with torch.inference_mode():
+        assert torch.equal(den.eval()(x), load_denoiser(f)(x))
+        fct.test_eq(den(x.bfloat16()).dtype, torch.bfloat16)                     # bf16 tokens, fp32 denoiser
+        fct.test_close(den.bfloat16()(x).float(), den.float()(x), eps=0.3)      # bf16 denoiser, fp32 tokens
 
 
 # ---------------------------------------------------------------- bad input

@@ -1,0 +1,112 @@
+"""dvt.probes beyond the notebook: real timm grids (patch 14), strides, the training sets, the bins head, bad input."""
+import math
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import fastcore.test as fct
+from PIL import Image
+from dvt.backbones import Backbone
+from dvt.datasets import make_fixture_voc, make_fixture_nyu, load_dataset
+from dvt.synthetic import PlantedBackbone
+from dvt.probes import (SegProbeConfig, DepthProbeConfig, SegTrainSet, DepthTrainSet, LinearSegHead, DepthHead, run_seg_probe,
+                        run_depth_probe, train_seg_probe, eval_seg_probe, sig_loss, lr_factor, valid_size, fit_size, _config)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = tmp_path_factory.mktemp("probe_data"); make_fixture_voc(r); make_fixture_nyu(r); return r
+
+
+def test_dinov2_grid_end_to_end(root):
+    "A random-init DINOv2-S (patch 14): crops, windows and test images must all be fitted to the 14-pixel grid."
+    bb = Backbone("vit_small_patch14_dinov2.lvd142m", pretrained=False)
+    r = run_seg_probe(bb, root, "voc", SegProbeConfig.smoke(iters=2, mode="slide", crop_size=112))
+    fct.test_eq(r["crop"], 112); assert 0 <= r["mIoU"] <= 100 and r["iters"] == 2
+    d = run_depth_probe(bb, root, DepthProbeConfig.smoke(iters=2, crop=(112, 140)))
+    assert d["rmse"] > 0 and d["n_test"] == 2
+
+
+def test_default_crop_is_the_dvt_input_size(root):
+    bb = PlantedBackbone(patch_size=14)
+    head = train_seg_probe(bb, load_dataset("voc", root, "train"), SegProbeConfig.smoke(iters=1, crop_size=None, batch_size=1))
+    fct.test_eq(head.crop, 518); fct.test_eq(head.grid, (14, 14))
+
+
+def test_stride_trick_extractor(root):
+    bb = PlantedBackbone(stride=8)
+    r = run_seg_probe(bb, root, "voc", SegProbeConfig.smoke(iters=2))
+    fct.test_eq(r["crop"], valid_size(96, 16, 8)); assert 0 <= r["mIoU"] <= 100
+
+
+def test_seg_train_set(root):
+    ds = load_dataset("voc", root, "train")
+    torch.manual_seed(0)
+    tr = SegTrainSet(ds, SegProbeConfig(ratio_range=(0.5, 0.5), scale=120, max_long=160, photometric=True), crop=96)
+    x, y = tr[0]
+    fct.test_eq(x.shape, (3, 96, 96)); fct.test_eq(y.shape, (96, 96))
+    assert (y[60:, :] == 255).all() and (y[:, 80:] == 255).all()   # a 60 x 80 image is padded with the ignore label
+    fct.test_close(x[:, 95, 95], torch.tensor([0.485, 0.456, 0.406]))
+    assert 0 <= x.min() and x.max() <= 1
+
+
+def test_depth_train_set_and_loss(root):
+    ds = load_dataset("nyu", root, "train")
+    torch.manual_seed(0)
+    x, z = DepthTrainSet(ds, DepthProbeConfig(rotate=10.0))[0]
+    fct.test_eq(x.shape, (3, 416, 544)); fct.test_eq(z.shape, (416, 544))
+    gt = torch.rand(2, 8, 8) * 5 + 1
+    fct.test_close(sig_loss(gt, gt).item(), 0.0, eps=1e-5)
+    fct.test_close(sig_loss(2 * gt, gt).item(), math.sqrt(0.15) * math.log(2), eps=1e-5)   # a pure scale error
+    gt[0] = 0; fct.test_close(sig_loss(gt * 1.0, gt).item(), 0.0, eps=1e-5)              # invalid pixels are ignored
+
+
+def test_schedules_and_configs():
+    f = [lr_factor(i, 1000, 100, 1e-6) for i in range(0, 1001, 50)]
+    assert f[0] < 1e-5 and max(f) <= 1 and all(a >= b for a, b in zip(f[2:], f[3:])) and f[-1] == 0
+    fct.test_eq(SegProbeConfig.paper(), SegProbeConfig()); fct.test_eq(SegProbeConfig.paper().iters, 40_000)
+    fct.test_eq(DepthProbeConfig.paper().n_bins, 256); fct.test_eq(DepthProbeConfig.smoke(iters=7).iters, 7)
+    fct.test_fail(lambda: _config(SegProbeConfig, None, dict(iters=0)), contains="must be >= 1")
+    fct.test_fail(lambda: _config(SegProbeConfig, None, dict(nonsense=1)), contains="nonsense")
+    fct.test_eq((valid_size(100, 14, 7), fit_size(100, 14, 7)), (105, 98))
+
+
+def _ramp_nyu(root, n=4, seed=0):
+    rng = np.random.default_rng(seed); nyu = Path(root) / "nyu"; lines = {"train": [], "test": []}
+    for k in range(n):
+        depth = np.linspace(rng.uniform(5, 9), rng.uniform(1, 3), 480)[:, None].repeat(640, 1)
+        (nyu / f"r_{k}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(depth * 25.5).astype(np.uint8)).convert("RGB").save(nyu / f"r_{k}/rgb_{k:05d}.jpg", quality=98)
+        Image.fromarray(np.round(depth * 1000).astype(np.uint16)).save(nyu / f"r_{k}/sync_depth_{k:05d}.png")
+        lines["train" if k < n // 2 else "test"].append(f"/r_{k}/rgb_{k:05d}.jpg /r_{k}/sync_depth_{k:05d}.png 518.8579")
+    for sp, ls in lines.items(): (nyu / f"nyu_{sp}.txt").write_text("\n".join(ls))
+
+
+class _Gray(nn.Module):
+    patch_size = stride = 16
+    def forward(self, x): return F.avg_pool2d(x.mean(1, keepdim=True), 16).permute(0, 2, 3, 1) * 10
+
+
+def test_bins_head_learns_encoded_depth(tmp_path):
+    "DVT's 256-bin head on features that encode depth: close, though a bin mixture cannot be exact."
+    _ramp_nyu(tmp_path)
+    cfg = DepthProbeConfig.smoke(head="bins", lr=0.02, iters=150, warmup_iters=0, rotate=0.0, color_aug=False, crop=(128, 160))
+    r = run_depth_probe(_Gray(), tmp_path, cfg)
+    assert r["d1"] > 95 and r["abs_rel"] < 0.1, r
+
+
+def test_bad_extractors(root):
+    bb = PlantedBackbone()
+    calls = {"n": 0}
+    def shrinking(x):                                    # changes its width after the first batch
+        calls["n"] += 1; f = bb(x); return f if calls["n"] == 1 else f[..., :8]
+    fct.test_fail(lambda: run_seg_probe(shrinking, root, "voc", SegProbeConfig.smoke(iters=3), patch_size=16), contains="head was built for")
+    fct.test_fail(lambda: run_seg_probe(lambda x: bb(x)[:, :-1], root, "voc", SegProbeConfig.smoke(iters=1), patch_size=16),
+                  contains="Check patch_size/stride")
+    fct.test_fail(lambda: run_seg_probe(lambda x: bb(x).tolist(), root, "voc", SegProbeConfig.smoke(iters=1), patch_size=16),
+                  contains="must return a tensor")
+    fct.test_fail(lambda: run_seg_probe(lambda x: bb(x) * float("nan"), root, "voc", SegProbeConfig.smoke(iters=1), patch_size=16),
+                  contains="NaN")
+    fct.test_fail(lambda: run_depth_probe(lambda x: bb(x), root, DepthProbeConfig.smoke(iters=1)), contains="pass patch_size=")
