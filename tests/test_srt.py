@@ -66,6 +66,14 @@ def reference(bb, images, radius, step=1, output="tokens", factor=2, agg="mean",
 IMGS = torch.rand(2, 3, 24, 32, generator=torch.Generator().manual_seed(0))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    "Many small ops: one thread is several times faster on a busy 2-core box (restored afterwards)."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("p,s", [(8, 8), (8, 4), (6, 2)])
 @pytest.mark.parametrize("threshold", [None, 0.5])
 @pytest.mark.parametrize("output", ["tokens", "pixels", "fine"])
@@ -151,12 +159,11 @@ def test_batches_never_exceed_batch_size():
 
 
 def test_mean_memory_is_flat_in_the_number_of_shifts():
-    # 224² x 64 channels: one pixel field is 12.8 MB, so keeping the views would cost ~0.6 GB more at N = 49 than N = 9
-    probe = lambda r, impl: srt_memory_probe("planted:64:14", size=224, radius=r, output="pixels", impl=impl, batch_size=8)
-    for impl in ("auto", "pixel"):
-        a, b = probe(1, impl), probe(3, impl)
-        assert (a["N"], b["N"]) == (9, 49)
-        assert b["extra_mb"] - a["extra_mb"] < 40, (a, b)
+    # 168² x 64 channels: one pixel field is 7.2 MB, so keeping the views would cost ~290 MB more at N = 49 than at N = 9
+    probe = lambda r, impl: srt_memory_probe("planted:64:14", size=168, radius=r, output="pixels", impl=impl, batch_size=8, threads=1)
+    a, b = probe(1, "auto"), probe(3, "auto")           # the pixel-space implementation: benchmarks/srt_cpu.md
+    assert (a["N"], b["N"]) == (9, 49)
+    assert b["extra_mb"] - a["extra_mb"] < 40, (a, b)
 
 
 def test_teacher_is_a_backbone_and_refuses_shared_weights():
