@@ -13,7 +13,7 @@ def test_every_case_runs_tiny_with_floor(tmp_path):
     "Every registered (non-opt-in) case, tiny shapes, one repeat: all rows measured with positive timings, floor filled."
     rows = run_bench("tiny", device="cpu", out=tmp_path / "r", floor="on", repeats=1, warmup=0, command="test")
     plan = plan_rows("tiny")
-    fct.test_eq([(r["case"], r["config"]) for r in rows], [(c.name, bench.config_str(p)) for c, p in plan])
+    fct.test_eq(sorted((r["case"], r["config"]) for r in rows), sorted((c.name, bench.config_str(p)) for c, p in plan))
     cases = {c.name for c, _ in plan}
     assert {"backbone", "denoised", "stage1_extract", "stage1_fit", "stage1_image", "srt", "srt_plain"} <= cases, cases
     assert "test_suite" not in cases                                  # opt-in: the suite never times itself
@@ -27,6 +27,7 @@ def test_every_case_runs_tiny_with_floor(tmp_path):
     for case, base in (("denoised", "backbone"), ("srt", "srt_plain")):
         r = next(r for r in rows if r["case"] == case)
         assert float(r["ratio"]) > 0 and r["baseline"].startswith(f"{base}: "), r
+        assert f"timed in alternation with `{base}`" in r["note"], r["note"]              # row and baseline timed A B A B
     disk = read_rows(tmp_path / "r.csv")
     fct.test_eq(len(disk), len(rows)); fct.test_eq(list(disk[0]), list(COLUMNS))
     md = (tmp_path / "r.md").read_text()
