@@ -6,14 +6,14 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/index.ipynb #adeb9c02
+# %% ../nbs/index.ipynb #5dea1702
 import importlib
 
 _API = {
     "Backbone": "backbones", "SEED_MODELS": "backbones", "save_backbone": "backbones",
     "load_image": "data", "sample_image": "data", "sample_images": "data",
     "PlantedBackbone": "synthetic",
-    "denoise_image": "stage1",
+    "denoise_image": "stage1", "denoise_images": "stage1", "denoise_folder": "stage1_data",
     "Denoiser": "denoiser", "DenoisedBackbone": "denoiser", "load_official": "denoiser",
     "load_denoiser": "denoiser", "save_denoiser": "denoiser", "train_denoiser": "denoiser",
     "distill": "distill",

@@ -5,7 +5,7 @@ import torch.nn as nn
 import fastcore.test as fct
 from PIL import Image
 from dvt.data import sample_image
-from dvt.stage1 import denoise_image, recovery_metrics, stage1_config, PRESETS, lr_at
+from dvt.stage1 import denoise_image, denoise_images, recovery_metrics, stage1_config, PRESETS, lr_at
 from dvt.synthetic import PlantedBackbone
 
 # a cheap but real setting: 16x16 token grid, 32 views, 600 steps (about 10 s of CPU)
@@ -45,7 +45,7 @@ def test_outputs_and_phases(astronaut):
     h = r.loss_curve("h")
     assert (h[:300] == 0).all() and (h[300:] > 0).all()     # h is switched on at half time, not before
     assert r.loss_curve("total")[-50:].mean() < 0.2 * r.loss_curve("total")[:50].mean()
-    assert set(r.timings) == {"extract", "fit", "total"}
+    assert set(r.timings) == {"extract", "fit", "total", "images_per_fit"} and r.timings["images_per_fit"] == 1
     fct.test_close(r.denoised, r.raw - r.artifact - r.residual)
 
 
@@ -65,6 +65,23 @@ def test_deterministic_on_cpu(planted):
     c = denoise_image(planted, img, size=128, preset="smoke", seed=1)
     assert torch.equal(a.clean, b.clean) and torch.equal(a.losses, b.losses)
     assert not torch.equal(a.clean, c.clean)
+
+
+def test_batched_fit_is_the_per_image_fit(planted):
+    "Fitting images together (one NoiseModelStack) gives each image what it gets alone: no mixing between images."
+    imgs = [sample_image("coffee"), torch.rand(3, 128, 128), sample_image("rocket")]   # a photo, noise, another photo
+    kw = dict(size=128, preset="smoke", steps=30)
+    alone = [denoise_image(planted, im, seed=s, **kw) for s, im in zip((5, 6, 7), imgs)]
+    together = denoise_images(planted, imgs, seeds=[5, 6, 7], batch_images=2, progress=False, **kw)   # groups of 2 and 1
+    assert [r.timings["images_per_fit"] for r in together] == [2, 2, 1]
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(b.clean, a.clean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.artifact, a.artifact, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.residual, a.residual, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.losses, a.losses, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(together[0].clean, together[2].clean)                      # the images did differ
+    with pytest.raises(ValueError, match="one seed per image"): denoise_images(planted, imgs, seeds=[1], **kw)
+    with pytest.raises(ValueError, match="batch_images >= 1"): denoise_images(planted, imgs, batch_images=0, **kw)
 
 
 def test_inputs_pil_path_tensor(planted, tmp_path):
