@@ -68,6 +68,11 @@ def test_failed_row_is_recorded_and_the_run_goes_on(tmp_path):
         fct.test_eq([r["status"] for r in rows], ["failed", "measured"]); assert "boom" in rows[0]["note"]
         fct.test_eq(float(rows[1]["gflop"]), 2 * 3 * 3 * 8 / 1e9)
         assert "**failed**" in (tmp_path / "r.md").read_text()
+        with pytest.raises(SystemExit) as e:                        # the command writes the table, then exits 1
+            bench.bench_cli(["--profile", "tiny", "--case", "_broken", "--case", "_ok", "--device", "cpu", "--out", str(tmp_path / "c")])
+        fct.test_eq(e.value.code, 1)
+        fct.test_eq(len(bench.read_rows(tmp_path / "c.csv")), 2)
+        assert bench.bench_cli(["--profile", "tiny", "--case", "_ok", "--device", "cpu", "--out", str(tmp_path / "c")]) is None
     finally: CASES.pop("_broken"); CASES.pop("_ok")
 
 

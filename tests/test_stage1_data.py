@@ -101,3 +101,16 @@ def test_bad_inputs(images, tmp_path):
     fct.test_eq([p.name for p in list_images(lst)], ["coffee.png", "rocket.png"])
     r = subprocess.run(cmd(images, tmp_path / "o2", "--set", "n_views=0"), env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "n_views >= 1" in r.stderr
+
+
+def test_console_script_exits_0_and_batches(images, reference, tmp_path):
+    "As installed (`sys.exit(denoise_folder_cli())`): exit 0 on success; `--batch-images 4` writes the one-at-a-time pairs."
+    script = "import sys; from dvt.stage1_data import denoise_folder_cli; sys.exit(denoise_folder_cli())"
+    r = subprocess.run([sys.executable, "-c", script, *cmd(images, tmp_path / "out", "--batch-images", "4")[3:]], env=env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    got = outputs(tmp_path / "out")
+    fct.test_eq(sorted(got), sorted(reference))
+    for k in got:
+        assert torch.equal(got[k]["raw"], reference[k]["raw"]), k
+        torch.testing.assert_close(got[k]["clean"], reference[k]["clean"], rtol=1e-4, atol=1e-5)
