@@ -17,11 +17,11 @@ from .core import repo_root, pick_device, seed_everything
 # %% auto #0
 __all__ = ['BENCH_PROFILES', 'PROFILE_DEFAULTS', 'DTYPES', 'CASES', 'S14', 'B14', 'L14', 'SUITE_ENV', 'COLUMNS', 'MD_COLUMNS',
            'sync', 'Timing', 'time_fns', 'time_fn', 'peak_memory', 'cpu_model', 'load_average', 'machine_info',
-           'machine_name', 'count_flops', 'tensor_bytes', 'DevicePeaks', 'measure_peaks', 'floor_seconds', 'Workload',
-           'BenchCase', 'register_case', 'config_str', 'bench_backbone', 'weights_dtype', 'backbone_case',
-           'denoised_case', 'stage1_extract_case', 'stage1_fit_case', 'stage1_image_case', 'srt_plain_case', 'srt_case',
-           'suite_case', 'measure_many', 'measure', 'read_rows', 'merge_rows', 'add_ratios', 'render_markdown',
-           'write_results', 'plan_rows', 'plan_groups', 'run_bench', 'bench_cli']
+           'machine_name', 'count_flops', 'attention_flops', 'tensor_bytes', 'DevicePeaks', 'measure_peaks',
+           'floor_seconds', 'Workload', 'BenchCase', 'register_case', 'config_str', 'bench_backbone', 'weights_dtype',
+           'backbone_case', 'denoised_case', 'stage1_extract_case', 'stage1_fit_case', 'stage1_image_case',
+           'srt_plain_case', 'srt_case', 'suite_case', 'measure_many', 'measure', 'read_rows', 'merge_rows',
+           'add_ratios', 'render_markdown', 'write_results', 'plan_rows', 'plan_groups', 'run_bench', 'bench_cli']
 
 # %% ../nbs/06_bench.ipynb #a9e918ff
 def sync(device: torch.device | str) -> None:
@@ -148,10 +148,27 @@ def machine_name(info: dict) -> str:
 
 # %% ../nbs/06_bench.ipynb #692b3158
 def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
-    "FLOPs of one call of `fn()` (matmuls, convolutions, attention) as counted by `FlopCounterMode`, and its result."
+    "FLOPs of one call of `fn()`: matmuls and convolutions from `FlopCounterMode`, attention counted analytically."
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc: out = fn()
-    return int(fc.get_total_flops()), out
+    with FlopCounterMode(display=False) as fc, _AttentionFlops(fc) as att: out = fn()
+    return int(fc.get_total_flops()) + att.correction, out
+
+def attention_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    "FLOPs of `softmax(q kᵀ) v` for `q (..., Lq, D)`, `k (..., Lk, D)`, `v (..., Lk, Dv)`: two matmuls, `2·Lq·Lk·(D + Dv)` per batch and head."
+    *batch, Lq, D = q.shape
+    return 2 * math.prod(batch) * Lq * k.shape[-2] * (D + v.shape[-1])
+
+class _AttentionFlops(torch.overrides.TorchFunctionMode):
+    "Replace whatever the FLOP counter saw inside `F.scaled_dot_product_attention` (0 on some torch versions' CPU kernels) by `attention_flops`."
+    def __init__(self, counter):
+        super().__init__(); self.counter, self.correction = counter, 0
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.nn.functional.scaled_dot_product_attention: return func(*args, **kwargs)
+        before = self.counter.get_total_flops(); out = func(*args, **kwargs)
+        q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")[len(args):]])[:3]
+        self.correction += attention_flops(q, k, v) - (self.counter.get_total_flops() - before)
+        return out
 
 def tensor_bytes(*objs) -> int:
     "Bytes held by the tensors in `objs` (tensors, modules' parameters and buffers, and lists/tuples/dicts of them)."
