@@ -82,7 +82,7 @@ def test_run_davis_with_a_dinov2_grid(davis):
 
 
 def test_run_lost_limits_and_stride(tmp_path):
-    make_fixture_voc(tmp_path, n=4)
+    make_fixture_voc(tmp_path, n=4, size=(120, 160))
     r = run_lost(PlantedBackbone(stride=8), tmp_path, max_images=2)
     fct.test_eq(r["n_images"], 2); fct.test_eq(len(r["boxes"]), 2)
     for b in r["boxes"]: assert 0 <= b[0] < b[2] <= 160 and 0 <= b[1] < b[3] <= 120
