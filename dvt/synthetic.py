@@ -103,13 +103,16 @@ class PlantedBackbone(nn.Module):
     def extra_repr(self):
         return f"name={self.name!r}, patch_size={self.patch_size}, stride={self.stride}, embed_dim={self.embed_dim}, seed={self.config.seed}"
 
-    def grid_size(self, H: int, W: int) -> tuple[int, int]:
-        "Token grid `(h, w)` for an `H x W` input: the same rule and errors as every backbone (`dvt.contract.grid_shape`)."
-        return grid_shape(H, W, self.patch_size, self.stride)
+# %% ../nbs/01a_synthetic.ipynb #2550763e
+@patch
+def grid_size(self: PlantedBackbone, H: int, W: int) -> tuple[int, int]:
+    "Token grid `(h, w)` for an `H x W` input: the same rule and errors as every backbone (`dvt.contract.grid_shape`)."
+    return grid_shape(H, W, self.patch_size, self.stride)
 
-    def block_index(self, layer: int) -> int:
-        "The one block's index, 0 (`layer` 0 or -1), or a `ValueError`."
-        return block_index(layer, self.num_blocks, self.name)
+@patch
+def block_index(self: PlantedBackbone, layer: int) -> int:
+    "The one block's index, 0 (`layer` 0 or -1), or a `ValueError`."
+    return block_index(layer, self.num_blocks, self.name)
 
 # %% ../nbs/01a_synthetic.ipynb #3425e836
 @patch
