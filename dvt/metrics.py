@@ -45,7 +45,7 @@ def _clumps(q: np.ndarray, xsizes: np.ndarray) -> np.ndarray:
     return np.concatenate(([0], np.cumsum(lab[1:] != lab[:-1])))
 
 # %% ../nbs/03c_metrics.ipynb #8865494b
-_BLOCK = 128                                                   # clumps per block of the cost table and the recursion
+_BLOCK, _SMALL = 128, 1 << 17                                  # clumps per block; cost tables up to _SMALL entries in one go
 
 def _best_mi(q: np.ndarray, nq: int, clump: np.ndarray, xmax: int, T: np.ndarray) -> np.ndarray:
     "MI (nats) of the best partition into at most `l` columns of consecutive clumps, for `l = 0..xmax` (entries 0, 1 unused)."
@@ -74,6 +74,10 @@ def _cost(cum: np.ndarray, T: np.ndarray) -> np.ndarray:
     "`(p+1, p+1)` table of n_st·H(Q | clumps s+1..t) for s < t (inf elsewhere) from cumulative row counts `cum` `(p+1, nq)`."
     P = len(cum); c = cum.sum(1); cumT = np.ascontiguousarray(cum.T)        # (nq, p+1)
     cost = np.full((P, P), np.inf)
+    if P * P * len(cumT) <= _SMALL:                                            # a small table: all pairs s < t at once
+        s, t = np.triu_indices(P, 1)
+        cost[s, t] = T.take(c[t] - c[s]) - T.take(cum[t] - cum[s]).sum(-1)
+        return cost
     for s0 in range(0, P - 1, _BLOCK):                                         # blocks on or above the diagonal only
         for t0 in range(s0, P, _BLOCK):
             s1, t1 = min(s0 + _BLOCK, P), min(t0 + _BLOCK, P)
@@ -86,7 +90,10 @@ def _cost(cum: np.ndarray, T: np.ndarray) -> np.ndarray:
     return cost
 
 # %% ../nbs/03c_metrics.ipynb #523cee29
-def mine_matrix(x, y, alpha: float = 0.6, c: float = 15) -> np.ndarray:
+def mine_matrix(x,                         # (n,) samples of the first variable
+                y,                         # (n,) samples of the second variable
+                alpha: float = 0.6,        # grid budget B = max(n^alpha, 4)
+                c: float = 15) -> np.ndarray:   # at most c·x clumps per x columns
     "The characteristic matrix `M[ny, nx]` (NaN outside `nx·ny ≤ B = max(n^alpha, 4)`) of ApproxMaxMI, as in minepy."
     x, y = _check_xy(x, y)
     if not 0 < alpha <= 1: raise ValueError(f"alpha={alpha} must be in (0, 1].")
@@ -122,11 +129,17 @@ def _check_xy(x, y) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 # %% ../nbs/03c_metrics.ipynb #e48974eb
-def mic(x, y, alpha: float = 0.6, c: float = 15) -> float:
+def mic(x,                                 # (n,) samples of the first variable
+        y,                                 # (n,) samples of the second variable
+        alpha: float = 0.6,                # grid budget B = max(n^alpha, 4)
+        c: float = 15) -> float:           # at most c·x clumps per x columns
     "Maximal information coefficient of samples `x`, `y` (Reshef et al. 2011, ApproxMaxMI; minepy's `mic_approx`)."
     return float(np.nanmax(mine_matrix(x, y, alpha, c)))
 
-def mine_stats(x, y, alpha: float = 0.6, c: float = 15) -> dict[str, float]:
+def mine_stats(x,                          # (n,) samples of the first variable
+               y,                          # (n,) samples of the second variable
+               alpha: float = 0.6,         # grid budget B = max(n^alpha, 4)
+               c: float = 15) -> dict[str, float]:   # at most c·x clumps per x columns
     "MIC, MAS (maximum asymmetry), MEV (maximum edge value) and MCN (minimum cell number, eps=0) from one characteristic matrix."
     M = mine_matrix(x, y, alpha, c)
     top = np.nanmax(M); k = np.arange(M.shape[0])
@@ -135,7 +148,11 @@ def mine_stats(x, y, alpha: float = 0.6, c: float = 15) -> dict[str, float]:
                 mcn=float(cells[(M + 1e-4) >= top].min()))
 
 # %% ../nbs/03c_metrics.ipynb #4eb7ebf5
-def position_mic(features, k: int = 4, basis: str = "pca", alpha: float = 0.6, c: float = 15) -> dict:
+def position_mic(features,                 # one (h, w, C) feature map
+                 k: int = 4,               # components scored (>= 1)
+                 basis: str = "pca",       # 'pca' (principal components) or 'channels' (largest-variance channels)
+                 alpha: float = 0.6,       # MIC's grid budget exponent
+                 c: float = 15) -> dict:   # MIC's clump factor
     "MIC of the top-`k` components of one `(h, w, C)` feature map with patch row and column; `mic` = mean of max(row, col)."
     f = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features).detach().float().cpu()
     if f.ndim != 3:
@@ -153,7 +170,11 @@ def position_mic(features, k: int = 4, basis: str = "pca", alpha: float = 0.6, c
     mc = np.array([mic(cols, comps[:, i], alpha, c) for i in range(k)])
     return dict(mic=float(np.maximum(mr, mc).mean()), row=mr, col=mc, explained=frac)
 
-def position_mic_summary(features, k: int = 4, basis: str = "pca", alpha: float = 0.6, c: float = 15) -> dict:
+def position_mic_summary(features,         # (B, h, w, C) feature maps (or one (h, w, C))
+                         k: int = 4,       # components scored per image (>= 1)
+                         basis: str = "pca",   # 'pca' or 'channels'
+                         alpha: float = 0.6,   # MIC's grid budget exponent
+                         c: float = 15) -> dict:   # MIC's clump factor
     "`position_mic` over a batch `(B, h, w, C)`: mean and standard deviation of the per-image scores, and the scores."
     f = features if isinstance(features, torch.Tensor) else torch.as_tensor(np.asarray(features))
     if f.ndim == 3: f = f[None]
@@ -179,7 +200,10 @@ def _components(feats: torch.Tensor, k: int, basis: str) -> tuple[np.ndarray, np
     return comps.numpy(), frac.numpy()
 
 # %% ../nbs/03c_metrics.ipynb #8aaa5c42
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+def confusion_matrix(pred: torch.Tensor,   # predicted classes, any shape
+                     target: torch.Tensor, # ground-truth classes, the same shape
+                     num_classes: int,     # K
+                     ignore_index: int = 255) -> torch.Tensor:   # ground-truth label skipped
     "`(K, K)` int64 counts, rows = ground-truth class, columns = predicted class; `ignore_index` pixels skipped."
     if int(num_classes) != num_classes or num_classes < 1: raise ValueError(f"num_classes={num_classes!r}; use an integer >= 1.")
     pred, target = torch.as_tensor(pred), torch.as_tensor(target)
@@ -209,8 +233,11 @@ def eigen_mask(h: int = 480, w: int = 640) -> torch.Tensor:
     m[round(t * h / 480):round(b * h / 480), round(l * w / 640):round(r * w / 640)] = True
     return m
 
-def depth_metrics(pred: torch.Tensor, target: torch.Tensor, min_depth: float = 1e-3, max_depth: float = 10.0,
-                  eigen_crop: bool = True) -> dict[str, float]:
+def depth_metrics(pred: torch.Tensor,      # (H, W) predicted depth in metres
+                  target: torch.Tensor,    # (H, W) ground-truth depth in metres (0 = missing)
+                  min_depth: float = 1e-3, # valid ground truth lies strictly between min_depth ...
+                  max_depth: float = 10.0, # ... and max_depth; predictions are clamped to the same range
+                  eigen_crop: bool = True) -> dict[str, float]:   # score only inside the Eigen crop
     "Depth errors of one `(H, W)` prediction against ground truth in metres: rmse, abs_rel, sq_rel, rmse_log, log10, silog, d1-d3 (%)."
     pred, target = torch.as_tensor(pred).double().squeeze(), torch.as_tensor(target).double().squeeze()
     if pred.shape != target.shape or pred.ndim != 2:
@@ -259,7 +286,10 @@ def _dilate(b: torch.Tensor, r: int) -> torch.Tensor:
     disk = ((yy ** 2 + xx ** 2) <= r * r).float()[None, None]
     return F.conv2d(b.float()[None, None], disk, padding=r)[0, 0] > 0
 
-def boundary_f(pred: torch.Tensor, gt: torch.Tensor, void: torch.Tensor | None = None, bound_th: float = 0.008) -> float:
+def boundary_f(pred: torch.Tensor,         # (H, W) predicted mask
+               gt: torch.Tensor,           # (H, W) true mask
+               void: torch.Tensor | None = None,   # (H, W) pixels left out of both, or None
+               bound_th: float = 0.008) -> float:  # tolerance: fraction of the diagonal (< 1) or pixels (>= 1)
     "DAVIS boundary F-measure of two boolean masks with tolerance `bound_th` x image diagonal (or pixels if >= 1)."
     pred, gt = _masks(pred, gt, void)
     if bound_th <= 0: raise ValueError(f"bound_th={bound_th}: use a fraction of the diagonal in (0, 1) or pixels >= 1.")

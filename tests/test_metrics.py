@@ -174,3 +174,14 @@ def test_position_mic_rejects_k_below_one():
     for k in (0, -1, 1.5):
         fct.test_fail(lambda: position_mic(f, k=k), contains="integer >= 1")
     fct.test_eq(len(position_mic(f, k=1)["row"]), 1)
+
+
+def test_small_cost_table_equals_the_formula():
+    from dvt.metrics import _cost, _SMALL
+    rng = np.random.default_rng(6)
+    cum = np.concatenate((np.zeros((1, 4), np.int64), np.cumsum(rng.integers(1, 4, (20, 4)), 0)))
+    assert len(cum) ** 2 * 4 <= _SMALL                                   # the one-gather path
+    n = int(cum[-1].sum()); T = np.arange(n + 1.0); T = T * np.log(np.maximum(T, 1))
+    d = cum[None] - cum[:, None]; m = d.sum(-1)
+    ref = np.where(m > 0, T[np.maximum(m, 0)] - T[np.maximum(d, 0)].sum(-1), np.inf); ref[np.tril_indices(21)] = np.inf
+    np.testing.assert_allclose(_cost(cum, T), ref, rtol=1e-13, atol=1e-9)
