@@ -93,6 +93,7 @@ def _attention_module(backbone):
     if not isinstance(backbone, Backbone): return None
     return getattr(backbone.model.blocks[backbone.layer], "attn", None)
 
+# %% ../nbs/03f_discovery.ipynb #9f32de6d
 def _qkv(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     "The fused q, k, v projection `(B, N, 3C)` of `attn` for its input `x` `(B, N, C)` (timm ViT and EVA layouts)."
     if getattr(attn, "qkv", None) is not None:
@@ -120,6 +121,7 @@ class LostConfig:
 
 LOST_PRESETS = {"default": LostConfig(), "paper": LostConfig(features="k")}
 
+# %% ../nbs/03f_discovery.ipynb #4c6f6b45
 def lost_config(preset: str | LostConfig = "default", **overrides) -> LostConfig:
     "The `LostConfig` of `preset` (a name in `LOST_PRESETS` or a config) with `overrides` applied."
     return make_config(LostConfig, LOST_PRESETS, preset, what="LOST", **overrides)
@@ -140,6 +142,7 @@ def lost_image(backbone, image: torch.Tensor, config: LostConfig | None = None) 
     out = lost(f[0].cpu(), cfg.k_patches)
     return dict(out, box_px=token_box_to_pixels(out["box"], p, s, H, W), features=which)
 
+# %% ../nbs/03f_discovery.ipynb #296aa0a8
 def resolve_lost_features(backbone, features: str) -> str:
     "`features` itself, or for 'auto' 'k' when the backbone has timm attention and 'tokens' otherwise."
     if features != "auto": return features
@@ -191,6 +194,7 @@ class PropagationConfig:
 DAVIS_PRESETS = {"default": PropagationConfig(), "paper": PropagationConfig(),
                  "smoke": PropagationConfig(short_side=96, multiple=16)}
 
+# %% ../nbs/03f_discovery.ipynb #89389206
 def davis_config(preset: str | PropagationConfig = "default", **overrides) -> PropagationConfig:
     "The `PropagationConfig` of `preset` (a name in `DAVIS_PRESETS` or a config) with `overrides` applied."
     return make_config(PropagationConfig, DAVIS_PRESETS, preset, what="DAVIS", **overrides)
@@ -202,11 +206,13 @@ def frame_size(H: int, W: int, cfg: PropagationConfig, p: int, s: int) -> tuple[
     else: tw, th = cfg.short_side, int(cfg.short_side * H / W // cfg.multiple * cfg.multiple)
     return fit_size(max(th, p), p, s), fit_size(max(tw, p), p, s)
 
+# %% ../nbs/03f_discovery.ipynb #3cd1d9b0
 def neighbourhood(h: int, w: int, radius: int, device=None) -> torch.Tensor:
     "Boolean `(h*w, h*w)` mask: target token i may use source token j iff both row and column differ by <= `radius`."
     r = torch.arange(h, device=device).repeat_interleave(w); c = torch.arange(w, device=device).repeat(h)
     return ((r[:, None] - r[None]).abs() <= radius) & ((c[:, None] - c[None]).abs() <= radius)
 
+# %% ../nbs/03f_discovery.ipynb #9f430bda
 def resize_labels(labels: torch.Tensor, size: tuple[int, int], how: str = "pil") -> torch.Tensor:
     "Nearest-neighbour resize of an integer label map `(H, W)` (values 0..255) to `size` `(h, w)`, with PIL or torch."
     lab = torch.as_tensor(labels)
@@ -261,6 +267,7 @@ def propagate_sequence(backbone,                         # a TokenBackbone (dvt.
         preds.append(idmap[_soft_to_ids(soft, (h, w), (th, tw), (H, W), cfg)])
     return preds
 
+# %% ../nbs/03f_discovery.ipynb #b0f5f0d5
 def _soft_to_ids(soft: torch.Tensor, grid: tuple, frame: tuple, out: tuple, cfg: PropagationConfig) -> torch.Tensor:
     "Soft labels `(K, h*w)` -> label indices `(H, W)`: bilinear to the frame, DINO's norm_mask, argmax, nearest resize."
     up = F.interpolate(soft.reshape(1, -1, *grid), size=frame, mode="bilinear", align_corners=False)[0]

@@ -21,6 +21,7 @@ def _runs(v_sorted: np.ndarray) -> np.ndarray:
     cuts = np.flatnonzero(np.diff(v_sorted) != 0) + 1
     return np.diff(np.concatenate(([0], cuts, [len(v_sorted)])))
 
+# %% ../nbs/03c_metrics.ipynb #f5b1b0a6
 def _equipartition(sizes: np.ndarray, y: int, S: list[int] | None = None) -> tuple[np.ndarray, int]:
     "Row index of each tie group (groups in sorted order, never split) for `y` rows of about equal counts; rows made."
     S = S if S is not None else [0, *np.cumsum(sizes).tolist()]    # S[g] = points before group g (cached per axis)
@@ -121,6 +122,7 @@ def mine_matrix(x,                         # (n,) samples of the first variable
             else: M[rows, 2:xmax + 1] = np.fmax(M[rows, 2:xmax + 1], s)
     return M
 
+# %% ../nbs/03c_metrics.ipynb #daef1817
 def _check_xy(x, y) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, dtype=np.float64).ravel(); y = np.asarray(y, dtype=np.float64).ravel()
     if len(x) != len(y): raise ValueError(f"x and y must have the same length; got {len(x)} and {len(y)}.")
@@ -136,6 +138,7 @@ def mic(x,                                 # (n,) samples of the first variable
     "Maximal information coefficient of samples `x`, `y` (Reshef et al. 2011, ApproxMaxMI; minepy's `mic_approx`)."
     return float(np.nanmax(mine_matrix(x, y, alpha, c)))
 
+# %% ../nbs/03c_metrics.ipynb #17d107fc
 def mine_stats(x,                          # (n,) samples of the first variable
                y,                          # (n,) samples of the second variable
                alpha: float = 0.6,         # grid budget B = max(n^alpha, 4)
@@ -170,6 +173,7 @@ def position_mic(features,                 # one (h, w, C) feature map
     mc = np.array([mic(cols, comps[:, i], alpha, c) for i in range(k)])
     return dict(mic=float(np.maximum(mr, mc).mean()), row=mr, col=mc, explained=frac)
 
+# %% ../nbs/03c_metrics.ipynb #c02c2db1
 def position_mic_summary(features,         # (B, h, w, C) feature maps (or one (h, w, C))
                          k: int = 4,       # components scored per image (>= 1)
                          basis: str = "pca",   # 'pca' or 'channels'
@@ -215,6 +219,7 @@ def confusion_matrix(pred: torch.Tensor,   # predicted classes, any shape
     if ((p < 0) | (p >= num_classes)).any(): raise ValueError(f"pred has classes outside 0..{num_classes - 1}.")
     return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).reshape(num_classes, num_classes).cpu()
 
+# %% ../nbs/03c_metrics.ipynb #2c0315d9
 def seg_scores(conf: torch.Tensor) -> dict:
     "mIoU, mAcc and overall pixel accuracy aAcc (percent) from a confusion matrix, plus the per-class IoU and Acc."
     conf = torch.as_tensor(conf).double()
@@ -233,6 +238,7 @@ def eigen_mask(h: int = 480, w: int = 640) -> torch.Tensor:
     m[round(t * h / 480):round(b * h / 480), round(l * w / 640):round(r * w / 640)] = True
     return m
 
+# %% ../nbs/03c_metrics.ipynb #f53f663c
 def depth_metrics(pred: torch.Tensor,      # (H, W) predicted depth in metres
                   target: torch.Tensor,    # (H, W) ground-truth depth in metres (0 = missing)
                   min_depth: float = 1e-3, # valid ground truth lies strictly between min_depth ...
@@ -254,6 +260,7 @@ def depth_metrics(pred: torch.Tensor,      # (H, W) predicted depth in metres
                 silog=float(((err ** 2).mean() - err.mean() ** 2).clamp_min(0).sqrt() * 100),
                 **{f"d{i}": float((ratio < 1.25 ** i).double().mean() * 100) for i in (1, 2, 3)})
 
+# %% ../nbs/03c_metrics.ipynb #78e5b67a
 def mean_metrics(per_image: list[dict]) -> dict[str, float]:
     "Average a list of per-image metric dicts key by key, ignoring NaN (images with no valid pixel)."
     keys = per_image[0].keys() if per_image else []
@@ -266,26 +273,7 @@ def region_j(pred: torch.Tensor, gt: torch.Tensor, void: torch.Tensor | None = N
     union = (pred | gt).sum().item()
     return 1.0 if union == 0 else (pred & gt).sum().item() / union
 
-def _masks(pred, gt, void) -> tuple[torch.Tensor, torch.Tensor]:
-    "Boolean `(H, W)` masks of the same shape, with `void` pixels cleared from both."
-    pred, gt = torch.as_tensor(pred).bool(), torch.as_tensor(gt).bool()
-    if pred.shape != gt.shape: raise ValueError(f"pred {tuple(pred.shape)} and gt {tuple(gt.shape)} must have the same shape.")
-    if void is not None: keep = ~torch.as_tensor(void).bool(); pred, gt = pred & keep, gt & keep
-    return pred, gt
-
-def _boundary(mask: torch.Tensor) -> torch.Tensor:
-    "One-pixel boundary: pixels that differ from their right, lower or lower-right neighbour."
-    m = mask.bool(); e = torch.zeros_like(m); s = torch.zeros_like(m); se = torch.zeros_like(m)
-    e[:, :-1], s[:-1, :], se[:-1, :-1] = m[:, 1:], m[1:, :], m[1:, 1:]
-    b = (m ^ e) | (m ^ s) | (m ^ se)
-    b[-1, :] = m[-1, :] ^ e[-1, :]; b[:, -1] = m[:, -1] ^ s[:, -1]; b[-1, -1] = False
-    return b
-
-def _dilate(b: torch.Tensor, r: int) -> torch.Tensor:
-    yy, xx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
-    disk = ((yy ** 2 + xx ** 2) <= r * r).float()[None, None]
-    return F.conv2d(b.float()[None, None], disk, padding=r)[0, 0] > 0
-
+# %% ../nbs/03c_metrics.ipynb #f9dd0df5
 def boundary_f(pred: torch.Tensor,         # (H, W) predicted mask
                gt: torch.Tensor,           # (H, W) true mask
                void: torch.Tensor | None = None,   # (H, W) pixels left out of both, or None
@@ -300,6 +288,29 @@ def boundary_f(pred: torch.Tensor,         # (H, W) predicted mask
     if n_p == 0 or n_g == 0: return 0.0
     prec = (bp & _dilate(bg, r)).sum().item() / n_p; rec = (bg & _dilate(bp, r)).sum().item() / n_g
     return 0.0 if prec + rec == 0 else 2 * prec * rec / (prec + rec)
+
+# %% ../nbs/03c_metrics.ipynb #ef440834
+def _masks(pred, gt, void) -> tuple[torch.Tensor, torch.Tensor]:
+    "Boolean `(H, W)` masks of the same shape, with `void` pixels cleared from both."
+    pred, gt = torch.as_tensor(pred).bool(), torch.as_tensor(gt).bool()
+    if pred.shape != gt.shape: raise ValueError(f"pred {tuple(pred.shape)} and gt {tuple(gt.shape)} must have the same shape.")
+    if void is not None: keep = ~torch.as_tensor(void).bool(); pred, gt = pred & keep, gt & keep
+    return pred, gt
+
+# %% ../nbs/03c_metrics.ipynb #c9097ca7
+def _boundary(mask: torch.Tensor) -> torch.Tensor:
+    "One-pixel boundary: pixels that differ from their right, lower or lower-right neighbour."
+    m = mask.bool(); e = torch.zeros_like(m); s = torch.zeros_like(m); se = torch.zeros_like(m)
+    e[:, :-1], s[:-1, :], se[:-1, :-1] = m[:, 1:], m[1:, :], m[1:, 1:]
+    b = (m ^ e) | (m ^ s) | (m ^ se)
+    b[-1, :] = m[-1, :] ^ e[-1, :]; b[:, -1] = m[:, -1] ^ s[:, -1]; b[-1, -1] = False
+    return b
+
+# %% ../nbs/03c_metrics.ipynb #159d8a86
+def _dilate(b: torch.Tensor, r: int) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
+    disk = ((yy ** 2 + xx ** 2) <= r * r).float()[None, None]
+    return F.conv2d(b.float()[None, None], disk, padding=r)[0, 0] > 0
 
 # %% ../nbs/03c_metrics.ipynb #ab7f41a6
 def davis_stats(per_frame) -> tuple[float, float, float]:
@@ -320,6 +331,7 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     area = lambda x: (x[:, 2:] - x[:, :2]).clamp_min(0).prod(-1)
     return inter / (area(a)[:, None] + area(b)[None, :] - inter).clamp_min(1e-12)
 
+# %% ../nbs/03c_metrics.ipynb #636d7003
 def corloc(pred_boxes: list, gt_boxes: list, thresh: float = 0.5) -> float:
     "Percentage of images whose predicted box `(4,)` has IoU >= `thresh` with one of its ground-truth boxes `(M, 4)`."
     if len(pred_boxes) != len(gt_boxes): raise ValueError(f"{len(pred_boxes)} predictions for {len(gt_boxes)} images.")

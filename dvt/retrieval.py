@@ -43,6 +43,7 @@ def dense_sample(backbone,                                 # a TokenBackbone (dv
         y = torch.full((Hp, Wp), 255, dtype=torch.long); y[:H, :W] = label
     return extract(backbone, x.to(device), p, s)[0].float().cpu(), y
 
+# %% ../nbs/03h_retrieval.ipynb #292fb03b
 def patch_labels(label: torch.Tensor,                      # (H, W) class ids on the padded / resized input
                  num_classes: int,                        # K
                  p: int,                                  # patch size
@@ -77,6 +78,7 @@ class HummingbirdConfig:
 
 HUMMINGBIRD_PRESETS = {"default": HummingbirdConfig(), "smoke": HummingbirdConfig(k=10, max_train=4, max_val=4)}
 
+# %% ../nbs/03h_retrieval.ipynb #20d01808
 def hummingbird_config(preset: str | HummingbirdConfig = "default", **overrides) -> HummingbirdConfig:
     "The `HummingbirdConfig` of `preset` (a name in `HUMMINGBIRD_PRESETS` or a config) with `overrides` applied."
     return make_config(HummingbirdConfig, HUMMINGBIRD_PRESETS, preset, what="Hummingbird", **overrides)
@@ -141,6 +143,7 @@ def _splits(dataset: str, root) -> tuple[SegmentationDataset, SegmentationDatase
     if dataset not in ("voc", "ade"): raise ValueError(f"dataset={dataset!r}: use 'voc' or 'ade'.")
     return load_dataset(dataset, root, "train" if dataset == "voc" else "training"), load_dataset(dataset, root)
 
+# %% ../nbs/03h_retrieval.ipynb #808d0e83
 def _first(ds, n: int | None) -> int:
     "How many items of `ds` to use: all, or the first `n`."
     return len(ds) if n is None else min(n, len(ds))
@@ -164,6 +167,7 @@ class OverclusterConfig:
 
 OVERCLUSTER_PRESETS = {"default": OverclusterConfig(), "smoke": OverclusterConfig(n_clusters=30, iters=10, max_images=4)}
 
+# %% ../nbs/03h_retrieval.ipynb #628ba026
 def overcluster_config(preset: str | OverclusterConfig = "default", **overrides) -> OverclusterConfig:
     "The `OverclusterConfig` of `preset` (a name in `OVERCLUSTER_PRESETS` or a config) with `overrides` applied."
     return make_config(OverclusterConfig, OVERCLUSTER_PRESETS, preset, what="overclustering", **overrides)
