@@ -67,7 +67,7 @@ def token_box_to_pixels(box: tuple[int, int, int, int],  # (r0, c0, r1, c1), inc
     if H is not None: b[[1, 3]] = b[[1, 3]].clamp(0, H)
     return b
 
-# %% ../nbs/03f_discovery.ipynb #317a6c43
+# %% ../nbs/03f_discovery.ipynb #cfce8a3f
 LOST_FEATURES = ("k", "q", "v", "tokens")
 
 def attention_features(backbone, images: torch.Tensor, which: str = "k") -> torch.Tensor:
@@ -77,12 +77,12 @@ def attention_features(backbone, images: torch.Tensor, which: str = "k") -> torc
     if attn is None:
         raise ValueError(f"{type(backbone).__name__} has no timm attention block to take {which!r} from (only a "
                          "dvt.backbones.Backbone has); use features='tokens' (or 'auto').")
-    got = {}
-    hook = attn.register_forward_pre_hook(lambda m, args: got.__setitem__("x", args[0]))
+    seen = []                                                           # the attention's input, per call
+    hook = attn.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     try: tokens = backbone(images)                                      # (B, h, w, C)
     finally: hook.remove()
     B, h, w, _ = tokens.shape
-    qkv = _qkv(attn, got["x"])                                          # (B, N, 3C), N = prefix + h*w
+    qkv = _qkv(attn, torch.cat(seen))                                   # (B, N, 3C), N = prefix + h*w
     out = qkv.reshape(B, qkv.shape[1], 3, -1)[:, backbone.num_prefix_tokens:, "qkv".index(which)]
     return out.reshape(B, h, w, -1).float()
 
@@ -221,7 +221,7 @@ def resize_labels(labels: torch.Tensor, size: tuple[int, int], how: str = "pil")
     im = Image.fromarray(lab.cpu().numpy().astype(np.uint8)).resize((size[1], size[0]), Image.NEAREST)
     return torch.from_numpy(np.asarray(im).astype(np.int64))
 
-# %% ../nbs/03f_discovery.ipynb #a7a9b05e
+# %% ../nbs/03f_discovery.ipynb #2a9d0c71
 def propagate_step(target: torch.Tensor,                 # (n, C) unit-norm tokens of the target frame
                    sources: torch.Tensor,                # (m, n, C) unit-norm tokens of the context frames
                    labels: torch.Tensor,                 # (m, K, n) soft labels of the context tokens
@@ -229,6 +229,7 @@ def propagate_step(target: torch.Tensor,                 # (n, C) unit-norm toke
                    topk: int = 5,                        # affinities kept per target token
                    temperature: float = 0.1) -> torch.Tensor:   # of exp(cos / T)
     "Soft labels `(K, n)` of `n` target tokens `(n, C)` from `m` context frames: tokens `(m, n, C)`, labels `(m, K, n)`."
+    if topk < 1 or temperature <= 0: raise ValueError(f"topk={topk}, temperature={temperature}: use topk >= 1 and temperature > 0.")
     aff = torch.exp(torch.einsum("tc,msc->mts", target, sources) / temperature)   # (m, n_target, n_source)
     if near is not None: aff = aff * near
     aff = aff.permute(1, 0, 2).reshape(target.shape[0], -1)                       # (n_target, m * n_source)
