@@ -147,3 +147,34 @@ def test_eva_values_match_its_attention():
         v = attention_features(bb, x, "v")                               # (1, 2, 3, C)
     ref = seen[-1].transpose(1, 2).reshape(1, seen[-1].shape[2], -1)[:, bb.num_prefix_tokens:]
     fct.test_close(v.reshape(1, 6, -1), ref, eps=1e-6)
+
+
+def _official_lost_box(bb, img, k=100):
+    "LOST's procedure written out from main_lost.py / object_discovery.py: zero-pad in normalised space, keys, box clipped."
+    import scipy.ndimage
+    p = bb.patch_size; _, H, W = img.shape
+    Hp, Wp = -(-H // p) * p, -(-W // p) * p
+    x = torch.zeros(3, Hp, Wp); x[:, :H, :W] = (img - bb.mean[0]) / bb.std[0]
+    out = {}
+    hook = bb.model.blocks[-1].attn.qkv.register_forward_hook(lambda m, i, o: out.__setitem__("qkv", o))
+    with torch.no_grad(): bb.model.forward_features(x[None])
+    hook.remove()
+    N, nh = out["qkv"].shape[1], bb.model.blocks[-1].attn.num_heads
+    keys = out["qkv"].reshape(1, N, 3, nh, -1).permute(2, 0, 3, 1, 4)[1].transpose(1, 2).reshape(1, N, -1)[:, 1:]
+    A = (keys @ keys.transpose(1, 2)).squeeze()
+    A2 = A.clone(); A2.fill_diagonal_(0); A2[A2 < 0] = 0
+    order = torch.argsort(-torch.sum(A2 > 0, dim=1).float(), descending=True, stable=True)
+    seed, pot = order[0], order[:k]
+    M = torch.sum(A[pot[A[seed, pot] > 0]], dim=0)
+    lab, _ = scipy.ndimage.label(M.reshape(Hp // p, Wp // p).numpy() > 0)
+    ys, xs = np.where(lab == lab[np.unravel_index(int(seed), (Hp // p, Wp // p))])
+    return [xs.min() * p, ys.min() * p, min((xs.max() + 1) * p, W), min((ys.max() + 1) * p, H)]
+
+
+def test_lost_paper_equals_the_official_procedure():
+    bb = Backbone("vit_small_patch16_224", pretrained=False).eval()    # random weights: any will do
+    g = torch.Generator().manual_seed(1)
+    for H, W in ((70, 90), (83, 61)):
+        img = torch.rand(3, H, W, generator=g) * 0.3; img[:, H // 3:, W // 4:W // 2] += 0.6   # a bright block
+        ours = lost_image(bb, img, lost_config("paper"))["box_px"].tolist()
+        fct.test_eq(ours, [float(v) for v in _official_lost_box(bb, img)])
