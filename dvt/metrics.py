@@ -53,7 +53,7 @@ def _best_mi(q: np.ndarray, nq: int, clump: np.ndarray, xmax: int, T: np.ndarray
     p, n = int(clump[-1]) + 1, len(clump)
     I = np.zeros(xmax + 1)
     if p == 1: return I
-    hist = np.zeros((p, nq), np.int64); np.add.at(hist, (clump, q), 1)
+    hist = np.bincount(clump * nq + q, minlength=p * nq).reshape(p, nq)       # points per clump and row
     cum = np.concatenate((np.zeros((1, nq), np.int64), np.cumsum(hist, 0)))   # (p+1, nq) points per row, first t clumps
     hq = (T[n] - T[cum[-1]].sum()) / n                                         # H(Q)
     cost = _cost(cum, T)                                                       # (p+1, p+1)
