@@ -55,7 +55,7 @@ def patch_labels(label: torch.Tensor,                      # (H, W) class ids on
     counts = F.avg_pool2d(onehot[None], p, s)[0]                                 # (K, h, w) fractions of all pixels
     return (counts / counts.sum(0, keepdim=True).clamp_min(1e-12)).permute(1, 2, 0)
 
-# %% ../nbs/03h_retrieval.ipynb #453693e8
+# %% ../nbs/03h_retrieval.ipynb #d64a2292
 @dataclass
 class HummingbirdConfig:
     "Dense nearest-neighbour retrieval; defaults = the open Hummingbird evaluation's k and temperature."
@@ -64,6 +64,7 @@ class HummingbirdConfig:
     vote: str = "softmax"               # 'softmax' (weighted label distributions) or 'majority' (neighbours' argmax)
     size: int | None = None             # None: native size padded to the grid; int: resized to size x size
     memory_size: int | None = None      # cap on memory patches (random subset), None = all
+    memory_void: str = "ignore"         # void pixels of memory labels: 'ignore' (left out) or 'background' (class 0)
     max_train: int | None = None        # first n training images (None = all)
     max_val: int | None = None          # first n validation images (None = all)
     chunk: int = 4096                   # validation patches per similarity block
@@ -75,8 +76,10 @@ class HummingbirdConfig:
         if self.temperature <= 0: bad["temperature"] = self.temperature
         if bad: raise ValueError(f"invalid retrieval setting(s) {bad}: counts and sizes >= 1 (or None), temperature > 0.")
         if self.vote not in ("softmax", "majority"): raise ValueError(f"vote={self.vote!r}; use 'softmax' or 'majority'.")
+        if self.memory_void not in ("ignore", "background"): raise ValueError(f"memory_void={self.memory_void!r}; use 'ignore' or 'background'.")
 
-HUMMINGBIRD_PRESETS = {"default": HummingbirdConfig(), "smoke": HummingbirdConfig(k=10, max_train=4, max_val=4)}
+HUMMINGBIRD_PRESETS = {"default": HummingbirdConfig(), "smoke": HummingbirdConfig(k=10, max_train=4, max_val=4),
+                       "open_hummingbird": HummingbirdConfig(size=512, memory_void="background")}
 
 # %% ../nbs/03h_retrieval.ipynb #20d01808
 def hummingbird_config(preset: str | HummingbirdConfig = "default", **overrides) -> HummingbirdConfig:
@@ -105,7 +108,7 @@ def knn_vote(queries: torch.Tensor,                        # (n, C) validation p
             out.append(F.one_hot(top, labels.shape[1]).sum(1).float())
     return torch.cat(out)
 
-# %% ../nbs/03h_retrieval.ipynb #c8a3de9f
+# %% ../nbs/03h_retrieval.ipynb #c20a40d7
 @torch.no_grad()
 def run_hummingbird(backbone,                              # a TokenBackbone (dvt.contract)
                     root: str | Path | None = None,        # the data root (see dvt.datasets)
@@ -120,6 +123,7 @@ def run_hummingbird(backbone,                              # a TokenBackbone (dv
     feats, labs = [], []
     for i in tqdm(range(_first(train, cfg.max_train)), desc="memory", leave=False):
         f, y = dense_sample(backbone, *train[i], cfg.size, dev)
+        if cfg.memory_void == "background": y = torch.where(y == val.ignore_index, 0, y)
         f, yl = f.reshape(-1, f.shape[-1]), patch_labels(y, K, p, s).reshape(-1, K)
         keep = yl.sum(1) > 0; feats.append(f[keep]); labs.append(yl[keep])
     mem, mlab = torch.cat(feats), torch.cat(labs)

@@ -58,3 +58,13 @@ def test_knn_vote_edge_cases():
     fct.test_eq(out, torch.tensor([[0.0, 1, 0, 0]] * 2))
     fct.test_fail(lambda: hummingbird_config(vote="mean"), contains="'softmax' or 'majority'")
     fct.test_fail(lambda: overcluster_config(n_clusters=0), contains="n_clusters")
+
+
+def test_open_hummingbird_preset_reads_memory_void_as_background(root):
+    cfg = hummingbird_config("open_hummingbird")
+    fct.test_eq((cfg.size, cfg.memory_void, cfg.k, cfg.temperature), (512, "background", 30, 0.02))
+    bb = PlantedBackbone()
+    ign = run_hummingbird(bb, root, "voc", k=5, size=64)
+    bgd = run_hummingbird(bb, root, "voc", k=5, size=64, memory_void="background")
+    assert bgd["memory"] >= ign["memory"]                               # all-void patches now carry background
+    fct.test_fail(lambda: hummingbird_config(memory_void="drop"), contains="'ignore' or 'background'")
