@@ -429,7 +429,7 @@ def make_fixtures(root: str | Path, seed: int = 0, real_size: bool = False, n: i
     "Write the VOC, ADE20K, NYU and DAVIS fixtures under `root`; `real_size`: at the datasets' own image sizes."
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
     k = {} if n is None else {"n": n}
-    make_fixture_voc(root, size=VOC_REAL_SIZES if real_size else (120, 160), seed=seed, **k)
+    make_fixture_voc(root, size=VOC_REAL_SIZES if real_size else (240, 320), seed=seed, **k)
     make_fixture_ade(root, size=ADE_REAL_SIZES if real_size else (120, 160), seed=seed, **k)
     make_fixture_nyu(root, seed=seed, **k)
     make_fixture_davis(root, n_frames=n_frames or 6, size=(480, 854) if real_size else (96, 176), seed=seed)
