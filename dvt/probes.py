@@ -4,7 +4,7 @@
 
 # %% ../nbs/03e_probes.ipynb #3fea1ff5
 from __future__ import annotations
-import difflib, hashlib, json, math, os, time
+import hashlib, json, math, os, time
 from dataclasses import dataclass, fields, replace, asdict
 from pathlib import Path
 from typing import Callable
@@ -14,37 +14,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from .core import pick_device
-from .backbones import dvt_input_size
+from .config import make_config, lr_schedule
+from .contract import check_backbone, grid_shape, fit_size, valid_size, dvt_input_size
 from .datasets import load_dataset, SegmentationDataset, NYUDepthV2
 from .metrics import confusion_matrix, seg_scores, depth_metrics, mean_metrics
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'Extractor', 'SEG_PROBE_PRESETS', 'DEPTH_PROBE_PRESETS', 'grid_spec', 'valid_size', 'fit_size',
-           'pad_to_grid', 'extract', 'prepare_extractor', 'progress', 'LinearSegHead', 'DepthHead', 'SegProbeConfig',
-           'DepthProbeConfig', 'seg_probe_config', 'depth_probe_config', 'lr_factor', 'SegTrainSet', 'seg_logits',
-           'backbone_fingerprint', 'dataset_fingerprint', 'probe_fingerprint', 'save_probe_state', 'load_probe_state',
-           'save_probe_result', 'load_probe_result', 'iteration_generator', 'IterationBatches', 'fit_probe',
-           'probe_memory_estimate', 'check_probe_memory', 'train_seg_probe', 'eval_seg_probe', 'run_seg_probe',
-           'DepthTrainSet', 'sig_loss', 'predict_depth', 'train_depth_probe', 'eval_depth_probe', 'run_depth_probe']
+__all__ = ['IMAGENET_MEAN', 'Extractor', 'SEG_PROBE_PRESETS', 'DEPTH_PROBE_PRESETS', 'grid_spec', 'pad_to_grid', 'extract',
+           'prepare_extractor', 'progress', 'LinearSegHead', 'DepthHead', 'SegProbeConfig', 'DepthProbeConfig',
+           'seg_probe_config', 'depth_probe_config', 'SegTrainSet', 'seg_logits', 'backbone_fingerprint',
+           'dataset_fingerprint', 'probe_fingerprint', 'save_probe_state', 'load_probe_state', 'save_probe_result',
+           'load_probe_result', 'iteration_generator', 'IterationBatches', 'fit_probe', 'probe_memory_estimate',
+           'check_probe_memory', 'train_seg_probe', 'eval_seg_probe', 'run_seg_probe', 'DepthTrainSet', 'sig_loss',
+           'predict_depth', 'train_depth_probe', 'eval_depth_probe', 'run_depth_probe']
 
 # %% ../nbs/03e_probes.ipynb #4e5e70f5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 Extractor = Callable[[torch.Tensor], torch.Tensor]
 
-def grid_spec(extractor, patch_size: int | None = None, stride: int | None = None) -> tuple[int, int]:
-    "`(patch_size, stride)` of an extractor: from the arguments, else its attributes; a `ValueError` if neither says."
-    p = patch_size or getattr(extractor, "patch_size", None)
-    if p is None: raise ValueError("the extractor has no patch_size attribute; pass patch_size= (and stride= if it differs).")
-    s = stride or getattr(extractor, "stride", None) or p
-    return int(p), int(s)
-
-def valid_size(n: int, p: int, s: int) -> int:
-    "The smallest size `>= n` of the form `p + k*s` (a size the extractor accepts)."
-    return p if n <= p else p + math.ceil((n - p) / s) * s
-
-def fit_size(n: int, p: int, s: int) -> int:
-    "The largest size `<= n` of the form `p + k*s` (at least `p`)."
-    return p if n <= p else p + ((n - p) // s) * s
+def grid_spec(backbone, patch_size: int | None = None, stride: int | None = None, where: str = "the probe") -> tuple[int, int]:
+    "`(patch_size, stride)`: the arguments for a bare function, else the backbone contract's (`dvt.contract.check_backbone`)."
+    if patch_size is not None: return int(patch_size), int(stride or patch_size)
+    spec = check_backbone(backbone, where)
+    return spec.patch_size, spec.stride
 
 def pad_to_grid(images: torch.Tensor, p: int, s: int) -> torch.Tensor:
     "Pad `(B, 3, H, W)` images right/bottom with the ImageNet mean colour to the next valid grid size."
@@ -61,7 +53,7 @@ def extract(extractor: Extractor, images: torch.Tensor, p: int, s: int, dim: int
     "Frozen features `(B, h, w, C)` of grid-sized images `(B, 3, H, W)`, `chunk` images per call; the output is checked."
     if chunk is not None and chunk < len(images):
         return torch.cat([extract(extractor, x, p, s, dim) for x in images.split(chunk)])
-    B, _, H, W = images.shape; h, w = (H - p) // s + 1, (W - p) // s + 1
+    B, _, H, W = images.shape; h, w = grid_shape(H, W, p, s)
     with torch.no_grad(): f = extractor(images)
     if not isinstance(f, torch.Tensor): raise TypeError(f"the extractor must return a tensor (B, h, w, C); got {type(f).__name__}.")
     if f.ndim != 4 or f.shape[0] != B:
@@ -84,8 +76,6 @@ def progress(n: int, desc: str):
     "A tqdm bar of `n` steps that disappears when done."
     from tqdm.auto import tqdm
     return tqdm(total=n, desc=desc, leave=False)
-
-_module_to, _progress = prepare_extractor, progress     # old private names, still imported by dvt.discovery
 
 # %% ../nbs/03e_probes.ipynb #d397fbfb
 class LinearSegHead(nn.Module):
@@ -195,23 +185,11 @@ DEPTH_PROBE_PRESETS = {"paper": DepthProbeConfig(),
 
 def seg_probe_config(preset: str | SegProbeConfig = "paper", **overrides) -> SegProbeConfig:
     "The `SegProbeConfig` of `preset` (a name in `SEG_PROBE_PRESETS` or a config) with `overrides`, checked."
-    return _make_config(SegProbeConfig, SEG_PROBE_PRESETS, preset, overrides)
+    return make_config(SegProbeConfig, SEG_PROBE_PRESETS, preset, "segmentation probe", **overrides)
 
 def depth_probe_config(preset: str | DepthProbeConfig = "paper", **overrides) -> DepthProbeConfig:
     "The `DepthProbeConfig` of `preset` (a name in `DEPTH_PROBE_PRESETS` or a config) with `overrides`, checked."
-    return _make_config(DepthProbeConfig, DEPTH_PROBE_PRESETS, preset, overrides)
-
-def _make_config(cls, presets: dict, preset, overrides: dict):
-    "A preset name or a config, plus keyword overrides with a did-you-mean error; then `validate()`."
-    if isinstance(preset, cls): cfg = preset
-    elif isinstance(preset, str) and preset in presets: cfg = presets[preset]
-    else: raise ValueError(f"unknown {cls.__name__} preset {preset!r}; use one of {sorted(presets)} or pass a {cls.__name__}.")
-    names = [f.name for f in fields(cls)]; bad = [k for k in overrides if k not in names]
-    if bad:
-        hint = lambda k: (lambda m: f" (did you mean {m[0]!r}?)" if m else "")(difflib.get_close_matches(k, names, n=1))
-        raise TypeError(f"unknown {cls.__name__} setting(s): " + ", ".join(f"{k!r}{hint(k)}" for k in bad))
-    cfg = replace(cfg, **overrides); cfg.validate()
-    return cfg
+    return make_config(DepthProbeConfig, DEPTH_PROBE_PRESETS, preset, "depth probe", **overrides)
 
 # %% ../nbs/03e_probes.ipynb #50001ae0
 def _validate(cfg, optional_sizes: tuple[str, ...] = ()):
@@ -229,14 +207,6 @@ def _validate(cfg, optional_sizes: tuple[str, ...] = ()):
 def _check_pair(v, name: str):
     if len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
         raise ValueError(f"{name}={v!r}: use (height, width), two whole numbers > 0.")
-
-# %% ../nbs/03e_probes.ipynb #db2e84d0
-def lr_factor(it: int, iters: int, warmup_iters: int, warmup_ratio: float, kind: str = "poly", power: float = 1.0) -> float:
-    "Learning-rate multiplier at iteration `it`: linear warm-up, then 'poly' or 'cosine' decay to 0 at `iters`."
-    prog = min(it / max(iters, 1), 1.0)
-    base = (1 - prog) ** power if kind == "poly" else 0.5 * (1 + math.cos(math.pi * prog))
-    if it < warmup_iters: base *= 1 - (1 - it / warmup_iters) * (1 - warmup_ratio)
-    return base
 
 # %% ../nbs/03e_probes.ipynb #d12c7416
 def _resize_pair(img: torch.Tensor, lab: torch.Tensor, size: tuple[int, int]):
@@ -428,7 +398,8 @@ def fit_probe(extractor: Extractor, train_set: Dataset, cfg, make_head: Callable
             head, opt = _head_and_optimiser(make_head, f.shape[-1], cfg, dev)
             check_probe_memory(cfg, dev, f.shape[-1], head, xp.shape[-2:], p, s)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(it, cfg.iters, cfg.warmup_iters, cfg.warmup_ratio, lr_kind, getattr(cfg, "poly_power", 1.0))
+            group["lr"] = lr_schedule(it, cfg.iters, cfg.lr, cfg.warmup_iters, warmup_kind="scaled", decay=lr_kind,
+                                      power=getattr(cfg, "poly_power", 1.0), warmup_ratio=cfg.warmup_ratio)
         loss = loss_fn(head, f, target, xp.shape[-2:])
         opt.zero_grad(set_to_none=True); loss.backward()
         if getattr(cfg, "grad_clip", 0): nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
@@ -487,7 +458,8 @@ def train_seg_probe(backbone: Extractor, train_ds: SegmentationDataset,
                     config: SegProbeConfig | None = None,    # the same as `preset` (older calls)
                     **overrides) -> LinearSegHead:
     "Train a `LinearSegHead` on frozen features of `backbone` over `train_ds` (mmseg's recipe); return it in eval mode."
-    cfg = seg_probe_config(config if config is not None else preset, **overrides); p, s = grid_spec(backbone, patch_size, stride)
+    cfg = seg_probe_config(config if config is not None else preset, **overrides)
+    p, s = grid_spec(backbone, patch_size, stride, "the segmentation probe")
     crop = valid_size(cfg.crop_size, p, s) if cfg.crop_size else fit_size(dvt_input_size(p), p, s)
     fp = probe_fingerprint("seg", cfg, backbone, train_ds, backbone_id=backbone_id, grid=(p, s))
     K, ignore = train_ds.num_classes, train_ds.ignore_index
@@ -606,7 +578,8 @@ def train_depth_probe(backbone: Extractor, train_ds: NYUDepthV2,
                       config: DepthProbeConfig | None = None,    # the same as `preset` (older calls)
                       **overrides) -> DepthHead:
     "Train a `DepthHead` on frozen features of `backbone` over `train_ds` (SigLoss, AdamW, cosine); return it in eval mode."
-    cfg = depth_probe_config(config if config is not None else preset, **overrides); p, s = grid_spec(backbone, patch_size, stride)
+    cfg = depth_probe_config(config if config is not None else preset, **overrides)
+    p, s = grid_spec(backbone, patch_size, stride, "the depth probe")
     fp = probe_fingerprint("depth", cfg, backbone, train_ds, backbone_id=backbone_id, grid=(p, s))
     def loss(head, f, dep, size):                # f (B, h, w, C), dep (B, H, W); the prediction is cropped back from `size`
         pred = F.interpolate(head(f), size=tuple(size), mode="bilinear", align_corners=False)[:, 0, :dep.shape[-2], :dep.shape[-1]]

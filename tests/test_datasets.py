@@ -157,12 +157,16 @@ def test_lost_finds_the_fixture_objects_with_a_colour_only_feature(tmp_path):
     from dvt.discovery import run_lost
     from dvt.synthetic import PlantedBackbone
     make_fixture_voc(tmp_path, n=4)
-    pb = PlantedBackbone(patch_size=16, embed_dim=64)
-    colour_only = lambda x: pb.parts(x)["clean"]                       # a fixed function of each patch's colours
-    assert run_lost(colour_only, tmp_path, patch_size=16)["CorLoc"] >= 75   # 3 of the 4 images
-    position_only = lambda x: torch.zeros(x.shape[0], x.shape[2] // 16, x.shape[3] // 16, 8) + torch.randn(
-        1, x.shape[2] // 16, x.shape[3] // 16, 8, generator=torch.Generator().manual_seed(0))
-    assert run_lost(position_only, tmp_path, patch_size=16)["CorLoc"] <= 25
+    class ColourOnly(torch.nn.Module):                                  # a fixed function of each patch's colours
+        patch_size, stride, embed_dim = 16, 16, 64
+        def __init__(self): super().__init__(); self.pb = PlantedBackbone(patch_size=16, embed_dim=64)
+        def forward(self, x): return self.pb.parts(x)["clean"]
+    assert run_lost(ColourOnly(), tmp_path)["CorLoc"] >= 75             # 3 of the 4 images
+    class PositionOnly(torch.nn.Module):                                # the same random code at each position, whatever the image
+        patch_size, stride, embed_dim = 16, 16, 8
+        def forward(self, x):
+            return torch.randn(1, x.shape[2] // 16, x.shape[3] // 16, 8, generator=torch.Generator().manual_seed(0)).expand(len(x), -1, -1, -1)
+    assert run_lost(PositionOnly(), tmp_path)["CorLoc"] <= 25
 
 
 def test_labels_outside_the_classes_name_the_file(root, tmp_path):
