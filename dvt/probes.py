@@ -430,7 +430,8 @@ def probe_memory_estimate(cfg, in_dim: int, n_out: int, size: tuple[int, int], p
     h, w = (H - p) // s + 1, (W - p) // s + 1
     feats = B * h * w * in_dim * 4                                   # float32 features (no grad)
     up = B * in_dim * (upsample * h) * (upsample * w) * 4 if upsample > 1 else 0   # the x4 map the depth head keeps
-    outs = B * n_out * (upsample * h) * (upsample * w) * 4 * 3        # conv output, its gradient, activations
+    copies = 6 if upsample > 1 else 3                                # the bins head keeps ReLU, weights, normalised weights
+    outs = B * n_out * (upsample * h) * (upsample * w) * 4 * copies   # conv output, its gradient, activations
     full = B * (n_out if upsample == 1 else 1) * H * W * 4 * 3         # logits (or depth) at the crop size, grad, softmax
     return feats + up + outs + full
 
