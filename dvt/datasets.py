@@ -424,8 +424,12 @@ def make_fixture_davis(root: str | Path, n_seqs: int = 2, n_frames: int = 6, siz
     return davis
 
 # %% ../nbs/03d_datasets.ipynb #68783c23
-def make_fixtures(root: str | Path, seed: int = 0, real_size: bool = False, n: int | None = None,
-                  n_frames: int | None = None) -> Path:
+def make_fixtures(root: str | Path,            # the data root to write the four dataset folders under
+                  seed: int = 0,                # everything drawn is seeded from it
+                  real_size: bool = False,      # the real datasets' image sizes (else small CPU sizes)
+                  n: int | None = None,         # images per dataset (None: each fixture's default)
+                  n_frames: int | None = None   # frames per DAVIS sequence (None: 6)
+                 ) -> Path:
     "Write the VOC, ADE20K, NYU and DAVIS fixtures under `root`; `real_size`: at the datasets' own image sizes."
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
     k = {} if n is None else {"n": n}
@@ -435,6 +439,9 @@ def make_fixtures(root: str | Path, seed: int = 0, real_size: bool = False, n: i
     make_fixture_davis(root, n_frames=n_frames or 6, size=(480, 854) if real_size else (96, 176), seed=seed)
     return root
 
-def make_rehearsal_data(root: str | Path, n: int = 8, n_frames: int = 6, seed: int = 0) -> Path:
+def make_rehearsal_data(root: str | Path,      # the data root to write under
+                        n: int = 8,             # images per dataset (VOC, ADE20K, NYU pairs)
+                        n_frames: int = 6,      # frames per DAVIS sequence
+                        seed: int = 0) -> Path:
     "The four datasets in their real layouts, image sizes and file formats, with only the counts cut (`n` images each)."
     return make_fixtures(root, seed=seed, real_size=True, n=n, n_frames=n_frames)

@@ -48,8 +48,13 @@ def pad_to_grid(images: torch.Tensor, p: int, s: int) -> torch.Tensor:
     return out
 
 # %% ../nbs/03e_probes.ipynb #af9bca86
-def extract(extractor: Extractor, images: torch.Tensor, p: int, s: int, dim: int | None = None,
-            chunk: int | None = None) -> torch.Tensor:
+def extract(extractor: Extractor,      # images (B, 3, H, W) in [0, 1] -> tokens (B, h, w, C)
+            images: torch.Tensor,     # (B, 3, H, W), sizes on the grid
+            p: int,                   # patch size
+            s: int,                   # stride
+            dim: int | None = None,   # the channel count the caller expects (None: any)
+            chunk: int | None = None  # images per extractor call (None: all at once)
+           ) -> torch.Tensor:
     "Frozen features `(B, h, w, C)` of grid-sized images `(B, 3, H, W)`, `chunk` images per call; the output is checked."
     if chunk is not None and chunk < len(images):
         return torch.cat([extract(extractor, x, p, s, dim) for x in images.split(chunk)])
@@ -306,7 +311,12 @@ def dataset_fingerprint(ds) -> str:
         for f in pair: h.update(f"{Path(f).name} {Path(f).stat().st_size if Path(f).exists() else -1}\n".encode())
     return h.hexdigest()[:16]
 
-def probe_fingerprint(kind: str, cfg, backbone: Extractor, *datasets, backbone_id: str | None = None, grid=None) -> str:
+def probe_fingerprint(kind: str,                    # 'seg' or 'depth'
+                      cfg,                          # the probe's settings
+                      backbone: Extractor,          # hashed unless `backbone_id` names it
+                      *datasets,                    # the datasets the result depends on
+                      backbone_id: str | None = None, # a name for the weights (e.g. a checkpoint's sha256)
+                      grid=None) -> str:            # (patch size, stride)
     "The fingerprint of a probe: its kind, the settings that change numbers, the backbone, its grid and the datasets."
     settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_NUMBERS}
     parts = dict(kind=kind, settings=settings, backbone=backbone_id or backbone_fingerprint(backbone), grid=grid,
@@ -424,7 +434,13 @@ def _head_and_optimiser(make_head: Callable, in_dim: int, cfg, dev, state: dict 
     return head, opt
 
 # %% ../nbs/03e_probes.ipynb #d6e46d2d
-def probe_memory_estimate(cfg, in_dim: int, n_out: int, size: tuple[int, int], p: int, s: int, upsample: int = 1) -> int:
+def probe_memory_estimate(cfg,                    # the probe's settings (its batch_size is used)
+                          in_dim: int,            # feature channels C
+                          n_out: int,             # head outputs: classes or depth bins
+                          size: tuple[int, int],  # the training crop (H, W), on the grid
+                          p: int, s: int,         # patch size and stride
+                          upsample: int = 1       # the depth head's upsampling of the token map
+                         ) -> int:
     "Bytes of one training step's head-side tensors: features, the upsampled maps and the full-size logits, with gradients."
     B, (H, W) = cfg.batch_size, size
     h, w = (H - p) // s + 1, (W - p) // s + 1
@@ -435,7 +451,11 @@ def probe_memory_estimate(cfg, in_dim: int, n_out: int, size: tuple[int, int], p
     full = B * (n_out if upsample == 1 else 1) * H * W * 4 * 3         # logits (or depth) at the crop size, grad, softmax
     return feats + up + outs + full
 
-def check_probe_memory(cfg, dev, in_dim: int, head: nn.Module, size, p: int, s: int, free: int | None = None):
+def check_probe_memory(cfg, dev,                   # the probe's settings and device
+                       in_dim: int,                # feature channels C
+                       head: nn.Module,            # the head to train (its outputs and upsampling are read)
+                       size, p: int, s: int,       # the training crop (H, W), patch size and stride
+                       free: int | None = None):   # free bytes (None: asked from the CUDA device; CPU: no check)
     "Fail before the first step when a training step would not fit the device's free memory, naming the settings to lower."
     if free is None:
         if dev.type != "cuda": return
@@ -474,8 +494,12 @@ def train_seg_probe(backbone: Extractor, train_ds: SegmentationDataset,
 
 # %% ../nbs/03e_probes.ipynb #a00627c1
 @torch.no_grad()
-def eval_seg_probe(backbone: Extractor, head: LinearSegHead, val_ds: SegmentationDataset,
-                   preset: str | SegProbeConfig = "paper", config: SegProbeConfig | None = None, **overrides) -> dict:
+def eval_seg_probe(backbone: Extractor,                      # the frozen extractor the head was trained on
+                   head: LinearSegHead,                     # a trained head (its `grid` and `crop` are used)
+                   val_ds: SegmentationDataset,             # the evaluation split
+                   preset: str | SegProbeConfig = "paper",  # test-time settings: scale, mode, slide stride, ...
+                   config: SegProbeConfig | None = None,    # the same as `preset` (older calls)
+                   **overrides) -> dict:
     "mIoU / mAcc / aAcc (percent) of a trained head over `val_ds`, with mmseg's test-time resize and slide/whole inference."
     cfg = seg_probe_config(config if config is not None else preset, **overrides); p, s = head.grid
     dev = next(head.parameters()).device; backbone = prepare_extractor(backbone, dev); K = val_ds.num_classes
@@ -592,8 +616,12 @@ def train_depth_probe(backbone: Extractor, train_ds: NYUDepthV2,
 
 # %% ../nbs/03e_probes.ipynb #5a77ad74
 @torch.no_grad()
-def eval_depth_probe(backbone: Extractor, head: DepthHead, test_ds: NYUDepthV2, preset: str | DepthProbeConfig = "paper",
-                     config: DepthProbeConfig | None = None, **overrides) -> dict:
+def eval_depth_probe(backbone: Extractor,                     # the frozen extractor the head was trained on
+                     head: DepthHead,                        # a trained head (its `grid` is used)
+                     test_ds: NYUDepthV2,                    # the test split
+                     preset: str | DepthProbeConfig = "paper", # test-time settings: flip, batch, depth range
+                     config: DepthProbeConfig | None = None, # the same as `preset` (older calls)
+                     **overrides) -> dict:
     "NYU metrics of a trained head: per-image rmse, abs_rel, d1 ... (Eigen crop, 0.001-10 m), averaged over `test_ds`."
     cfg = depth_probe_config(config if config is not None else preset, **overrides); p, s = head.grid
     backbone = prepare_extractor(backbone, next(head.parameters()).device)

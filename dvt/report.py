@@ -82,8 +82,13 @@ def write_table(rows: list[dict], name: str, title: str, profile: str, notes: st
     return md
 
 # %% ../nbs/03g_report.ipynb #c2caf441
-def with_published(rows: list[dict], metric: str, key: str = "ours", model_key: str = "model",
-                   variant_key: str = "variant", profile: str | None = None) -> list[dict]:
+def with_published(rows: list[dict],            # table rows with a model, a variant and our number
+                   metric: str,                 # a key of DVT_PUBLISHED's rows, e.g. 'voc_miou'
+                   key: str = "ours",           # the row key of our number
+                   model_key: str = "model",    # the row key of the timm model name
+                   variant_key: str = "variant",# the row key of the variant
+                   profile: str | None = None   # 'smoke': no diff column (random weights on fixtures)
+                  ) -> list[dict]:
     "Add `paper` (the DVT paper's `metric` for the row's model and variant) and, except for smoke, `diff = ours - paper`."
     out = []
     for r in rows:
