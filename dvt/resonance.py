@@ -193,6 +193,7 @@ def srt_axes(H: int, W: int, patch: int, stride: int, output: str = "tokens", fa
 
 # %% ../nbs/03b_srt.ipynb #e18fe7f0
 _BUDGET = 2 ** 25  # elements (128 MB of float32) of one temporary block: bounds pixel fields and median strips
+_VIEW_BYTES = 2 ** 28  # bytes (256 MB) of shifted input views stacked for one forward pass (one view if a single one is larger)
 
 class _Agg:
     "Running aggregation of re-aligned views into `(B, n_out_y, n_out_x, C)` outputs."
@@ -398,7 +399,7 @@ def _plan(cfg: SRTConfig, shape: tuple[int, ...], n_views: int, reach: int, ay: 
     per_view = (3 * H * W + L * h * w * C + (L * 2 * oy * w * C if kind == "token" else 0)) * f4
     limit = cfg.max_memory_gb * 1e9 if cfg.max_memory_gb is not None else _free_bytes(device)
     k = int((limit - sum(fixed.values())) // per_view)
-    if k >= 1: return min(cfg.batch_size, k)
+    if k >= 1: return min(cfg.batch_size, k, max(1, _VIEW_BYTES // (3 * H * W * f4)))   # never a huge stack of full-size views
     need, top = sum(fixed.values()) + per_view, max(fixed, key=fixed.get)
     hint = {"the padded images": "fewer or smaller images per call (dvt.data.resize_images)",
             "the output": "output='tokens' or output='fine' instead of 'pixels', or fewer images per call",

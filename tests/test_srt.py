@@ -335,6 +335,17 @@ def test_memory_limit_chunks_the_views_or_fails_early():
     fct.test_eq(max(seen), 50)
 
 
+def test_full_size_views_are_never_stacked_beyond_the_view_budget(monkeypatch):
+    import dvt.resonance as R
+    monkeypatch.setattr(R, "_VIEW_BYTES", 3 * 64 * 64 * 4 * 3)                    # room for three 64² views (an 8000² image: 256 MB)
+    seen = []
+    class Spy(PatchMeanBackbone):
+        def forward(self, im): seen.append(len(im)); return super().forward(im)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    fct.test_close(srt(Spy(8), x, radius=1, batch_size=32), srt(PatchMeanBackbone(8), x, radius=1), eps=1e-6)
+    fct.test_eq((max(seen), sum(seen)), (3, 9))
+
+
 def test_config_convention():
     bb, x = PatchMeanBackbone(8), IMGS
     fct.test_close(srt(bb, x, "paper", paper_patch=None, radius=2), srt(bb, x, radius=2, paper=True), eps=1e-7)
