@@ -8,23 +8,11 @@ import json, os, platform, subprocess, sys, time
 from pathlib import Path
 import torch
 import torch.nn as nn
-from .resonance import srt, shift_grid, _BUDGET
+from .contract import make_backbone
+from .resonance import srt, shift_grid
 
 # %% auto #0
-__all__ = ['make_case_backbone', 'srt_throughput', 'srt_memory_probe', 'write_cpu_benchmark']
-
-# %% ../nbs/06b_bench_srt.ipynb #97d8c829
-def make_case_backbone(spec: str, **options) -> nn.Module:
-    "The backbone of a benchmark case: `dvt.make_backbone(spec, **options)` (a timm name or 'planted')."
-    try: from dvt.contract import make_backbone
-    except ImportError: make_backbone = None                                   # before dvt.contract: the two kinds used here
-    if make_backbone is not None and Path(make_backbone.__code__.co_filename).parent == Path(srt.__code__.co_filename).parent:  # this checkout's
-        return make_backbone(spec, **options)
-    if spec == "planted":
-        from dvt.synthetic import PlantedBackbone
-        return PlantedBackbone(**options)
-    from dvt.backbones import Backbone
-    return Backbone(spec, **options)
+__all__ = ['srt_throughput', 'srt_memory_probe', 'write_cpu_benchmark']
 
 # %% ../nbs/06b_bench_srt.ipynb #53e98d2a
 def srt_throughput(backbone: nn.Module,    # any backbone obeying the contract
@@ -52,7 +40,7 @@ def _probe_main(cfg: dict):
     "The child process of `srt_memory_probe`: one plain batch, then one `srt` call; prints one JSON line."
     import resource
     torch.set_num_threads(cfg.get("threads", 2)); torch.manual_seed(0)
-    bb = make_case_backbone(cfg["backbone"], **cfg.get("options", {})).eval()
+    bb = make_backbone(cfg["backbone"], **cfg.get("options", {})).eval()
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     x = torch.rand(1, 3, cfg["size"], cfg["size"])
     with torch.no_grad(): bb(x.expand(cfg["batch_size"], -1, -1, -1).contiguous())   # warm-up: one plain batch
@@ -95,7 +83,7 @@ def write_cpu_benchmark(path: str | Path = "benchmarks/srt_cpu.md", model: str =
     "Measure SRT's CPU throughput (vs plain forwards) and peak memory (vs N) and write them as a Markdown table to `path`."
     from dvt.data import sample_image, resize_images
     torch.manual_seed(0)
-    bb = make_case_backbone(model, pretrained=False).eval()
+    bb = make_backbone(model, pretrained=False).eval()
     img = resize_images(sample_image("astronaut")[None], size)
     tput = [srt_throughput(bb, img, r, batch_size=16, repeats=3) for r in radii]
     mem = [srt_memory_probe(size=sz, radius=r, output=o, agg=a, impl=i) for sz, o, a, i, rs in

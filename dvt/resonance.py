@@ -4,13 +4,15 @@
 
 # %% ../nbs/03b_srt.ipynb #d20480d1
 from __future__ import annotations
-import difflib, os, warnings
-from dataclasses import dataclass, fields, replace
+import os, warnings
+from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
 from tqdm.auto import tqdm
+from .config import make_config
+from .contract import BackboneSpec, BackboneWrapper, check_backbone, grid_shape
 from .data import check_images
 
 # %% auto #0
@@ -18,59 +20,6 @@ __all__ = ['AGGS', 'OUTPUTS', 'FILLS', 'IMPLS', 'IMAGENET_MEAN', 'IMAGENET_STD',
            'grey_of', 'pad_images', 'shift_images', 'Axis', 'srt_axes', 'nan_median', 'SRTConfig', 'srt',
            'PatchMeanBackbone', 'shift_instability', 'noise_ensemble', 'output_ensemble', 'bicubic_pool', 'SRTBaseline',
            'SRTTeacher']
-
-# %% ../nbs/03b_srt.ipynb #0a60a958
-@dataclass(frozen=True)
-class _Spec:
-    "What `srt` reads from a backbone (the contract's `BackboneSpec` fields)."
-    patch_size: int; stride: int; embed_dim: int | None; num_prefix_tokens: int; name: str
-
-def _check_backbone(backbone, where: str = "dvt.srt") -> _Spec:
-    "The `_Spec` of a module obeying the backbone contract, or a `TypeError` saying what is missing and where it was needed."
-    p, s = getattr(backbone, "patch_size", None), getattr(backbone, "stride", None)
-    if not callable(backbone) or isinstance(p, bool) or not isinstance(p, int) or p < 1:
-        raise TypeError(f"{where}: {type(backbone).__name__} does not follow the backbone contract: it needs an integer .patch_size "
-                        "(and .embed_dim) and must map (B, 3, H, W) images in [0, 1] to (B, h, w, C) tokens (e.g. dvt.backbones.Backbone).")
-    s = p if s is None else s
-    if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= p:
-        raise TypeError(f"{where}: backbone stride {s!r} must be an integer in [1, patch_size={p}].")
-    return _Spec(p, s, getattr(backbone, "embed_dim", None), int(getattr(backbone, "num_prefix_tokens", 0) or 0),
-                 str(getattr(backbone, "name", type(backbone).__name__)))
-
-def _grid_shape(H: int, W: int, patch: int, stride: int) -> tuple[int, int]:
-    "The token grid `(h, w)` of an `H x W` image, `(n - patch) // stride + 1`, or a `ValueError` naming the nearest valid sizes."
-    for n, what in ((H, "height"), (W, "width")):
-        if n < patch or (n - patch) % stride:
-            k = max(0, (n - patch) // stride)
-            raise ValueError(f"image {what} {n} does not fit patch {patch} / stride {stride}: (size - {patch}) must be a multiple of "
-                             f"{stride}; resize or crop to {patch + k * stride} or {patch + (k + 1) * stride} first (e.g. dvt.data.resize_images).")
-    return (H - patch) // stride + 1, (W - patch) // stride + 1
-
-# %% ../nbs/03b_srt.ipynb #fa8e72e6
-def _make_config(cls, presets: dict, preset, **overrides):
-    "`presets[preset]` (or `preset` itself, a `cls`) with `overrides`; unknown keys raise a did-you-mean `TypeError`; then `validate()`."
-    if isinstance(preset, cls): cfg = preset
-    elif isinstance(preset, str) and preset in presets: cfg = presets[preset]
-    else:
-        hint = difflib.get_close_matches(str(preset), list(presets), n=1)
-        raise ValueError(f"unknown {cls.__name__} preset {preset!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") +
-                         f"; use one of {sorted(presets)} or pass a {cls.__name__}.")
-    names = [f.name for f in fields(cls)]
-    bad = {k: difflib.get_close_matches(k, names, n=1) for k in overrides if k not in names}
-    if bad: raise TypeError(f"unknown {cls.__name__} setting(s): " + ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "")
-                                                                          for k, h in bad.items()) + f"; the settings are {names}.")
-    cfg = replace(cfg, **overrides)
-    if hasattr(cfg, "validate"): cfg.validate()
-    return cfg
-
-# %% ../nbs/03b_srt.ipynb #53557f9f
-class _Wrapper(nn.Module):
-    "A backbone built on `self.backbone`: the contract's attributes are read from the wrapped model (the role of `dvt.contract.BackboneWrapper`)."
-    patch_size = property(lambda self: self.backbone.patch_size)
-    stride = property(lambda self: getattr(self.backbone, "stride", None) or self.backbone.patch_size)
-    embed_dim = property(lambda self: self.backbone.embed_dim)
-    input_size = property(lambda self: getattr(self.backbone, "input_size", None))
-    num_prefix_tokens = property(lambda self: int(getattr(self.backbone, "num_prefix_tokens", 0) or 0))
 
 # %% ../nbs/03b_srt.ipynb #a98b43f6
 AGGS, OUTPUTS, FILLS, IMPLS = ("mean", "median"), ("tokens", "pixels", "fine"), ("reflect", "replicate", "grey"), ("auto", "token", "pixel")
@@ -169,7 +118,7 @@ def srt_axes(H: int, W: int, patch: int, stride: int, output: str = "tokens", fa
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
         raise ValueError(f"factor={factor!r} must be a positive integer (how many times denser than the token grid 'fine' is).")
     p, s = patch, stride
-    h, w = _grid_shape(H, W, p, s)
+    h, w = grid_shape(H, W, p, s)
     if paper:
         f = paper_patch or p
         if s != p: raise ValueError(f"paper=True reproduces the released SRT code, which assumes stride == patch; this backbone has "
@@ -371,13 +320,13 @@ def _device(m) -> torch.device:
     return t.device if t is not None else torch.device("cpu")
 
 # %% ../nbs/03b_srt.ipynb #6df842a1
-def _check_call(spec: _Spec, images: torch.Tensor, cfg: SRTConfig) -> tuple[torch.Tensor, list[tuple[int, int]], str]:
+def _check_call(spec: BackboneSpec, images: torch.Tensor, cfg: SRTConfig) -> tuple[torch.Tensor, list[tuple[int, int]], str]:
     "The checked images `(B, 3, H, W)`, the shifts `[(dx, dy)]` and the border fill of a call."
     p = spec.patch_size
     views = phase_grid(p, cfg.phases) if cfg.phases else shift_grid(cfg.radius, cfg.step) + ([(0, 0)] if cfg.paper else [])
     images = check_images(images, min_size=p)
     H, W = images.shape[-2:]
-    _grid_shape(H, W, p, spec.stride)
+    grid_shape(H, W, p, spec.stride)
     reach = max(max(abs(dx), abs(dy)) for dx, dy in views)
     if 2 * reach >= min(H, W): raise ValueError(f"radius={reach} is too large for {H}x{W} images; it must be below {min(H, W) / 2}.")
     if reach >= p: warnings.warn(f"radius={reach} >= patch size {p}: shifts of a whole token or more are not sub-token, they only "
@@ -427,15 +376,14 @@ def srt(backbone: nn.Module, images: torch.Tensor, preset: str | SRTConfig = "de
     if not isinstance(preset, (str, SRTConfig)):
         raise TypeError(f"srt(backbone, images, {preset!r}): the third argument is the preset (a name in {sorted(SRT_PRESETS)} or an "
                         f"SRTConfig); pass settings by name, e.g. srt(backbone, images, radius={preset!r}).")
-    cfg = _make_config(SRTConfig, SRT_PRESETS, preset, **overrides)
-    spec = _check_backbone(backbone, "dvt.srt")
+    cfg = make_config(SRTConfig, SRT_PRESETS, preset, what="SRT", **overrides)
+    spec = check_backbone(backbone, "dvt.srt")
     images, views, fill = _check_call(spec, images, cfg)
     B, _, H, W = images.shape
     ay, ax = srt_axes(H, W, spec.patch_size, spec.stride, cfg.output, cfg.factor, cfg.paper, cfg.paper_patch)
     kind = "median" if cfg.agg == "median" else ("token" if cfg.impl == "auto" else cfg.impl)
     reach, dev = max(max(abs(dx), abs(dy)) for dx, dy in views), _device(backbone)
-    C = spec.embed_dim or _extract(backbone, images[:1].to(dev), cfg.layers, False)[0][0].shape[-1]
-    per_batch = _plan(cfg, tuple(images.shape), len(views), reach, ay, ax, C, kind, dev)
+    per_batch = _plan(cfg, tuple(images.shape), len(views), reach, ay, ax, spec.embed_dim, kind, dev)
     padded = pad_images(images.to(dev), reach, fill, grey_of(backbone))       # (B, 3, H + 2·reach, W + 2·reach)
     cls = {"median": _Median, "token": _TokenMean, "pixel": _PixelMean}[kind]
     aggs, pre_store = None, None
@@ -510,7 +458,7 @@ def noise_ensemble(backbone: nn.Module,   # any backbone: (B, 3, H, W) in [0, 1]
                    batch_size: int = 32,  # images per forward pass
                   ) -> torch.Tensor:
     "Released baseline: tokens `(B, h, w, C)` averaged over the clean images and `n` copies with Gaussian input noise."
-    spec = _check_backbone(backbone, "noise_ensemble")
+    spec = check_backbone(backbone, "noise_ensemble")
     if isinstance(n, bool) or not isinstance(n, int) or n < 0: raise ValueError(f"n={n!r} must be an integer >= 0 (noisy copies).")
     if not sigma >= 0: raise ValueError(f"sigma={sigma!r} must be >= 0 (std in normalised units; the released value is 0.01).")
     x = check_images(images, min_size=spec.patch_size).to(_device(backbone))
@@ -570,34 +518,30 @@ def bicubic_pool(tokens: torch.Tensor, patch: int) -> torch.Tensor:
     x = F.interpolate(tokens.permute(0, 3, 1, 2).float(), scale_factor=patch, mode="bicubic", align_corners=False)
     return F.avg_pool2d(x, patch).permute(0, 2, 3, 1)
 
-class SRTBaseline(_Wrapper):
+class SRTBaseline(BackboneWrapper):
     "A released SRT baseline as a backbone: `kind='noise'` (`noise_ensemble(backbone, images, **kwargs)`) or `'bicubic'` (`bicubic_pool`)."
     def __init__(self, backbone: nn.Module, kind: str = "noise", **kwargs):
-        super().__init__()
         if kind not in ("noise", "bicubic"): raise ValueError(f"kind={kind!r} is unknown; use 'noise' or 'bicubic'.")
         if kind == "bicubic" and kwargs: raise TypeError(f"kind='bicubic' takes no settings; got {sorted(kwargs)}.")
-        _check_backbone(backbone, "SRTBaseline")
-        self.backbone, self.kind, self.kwargs = backbone, kind, kwargs
-
-    name = property(lambda self: f"{self.kind}({getattr(self.backbone, 'name', type(self.backbone).__name__)})")
+        super().__init__(backbone)
+        self.kind, self.variant, self.kwargs = kind, kind, kwargs                  # the name: f"{kind}({inner name})"
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         "Baseline tokens `(B, h, w, C)` of `images` `(B, 3, H, W)` in [0, 1]."
         if self.kind == "noise": return noise_ensemble(self.backbone, images, **self.kwargs)
         with torch.no_grad(): return bicubic_pool(self.backbone(images), self.patch_size)
 
 # %% ../nbs/03b_srt.ipynb #c2cef98e
-class SRTTeacher(_Wrapper):
+class SRTTeacher(BackboneWrapper):
     "`srt(backbone, images, ...)` tokens as a module: a backbone in its own right and a frozen teacher for `dvt.distill.distill`."
+    variant = "srt"
     def __init__(self, backbone: nn.Module, radius: int | None = None, preset: str | SRTConfig = "default", **srt_kwargs):
-        super().__init__()
         if {"output", "layers", "prefix"} & set(srt_kwargs):
             raise ValueError("SRTTeacher gives tokens on the backbone's grid for its layer; output, layers and prefix cannot be set "
                              "(use .features(images, layers=..., prefix=...)).")
-        _check_backbone(backbone, "SRTTeacher")
-        self.backbone = backbone
-        self.config = _make_config(SRTConfig, SRT_PRESETS, preset, progress=False, **({} if radius is None else {"radius": radius}), **srt_kwargs)
+        super().__init__(backbone)                                             # checks the contract; geometry from the backbone
+        self.config = make_config(SRTConfig, SRT_PRESETS, preset, what="SRT", progress=False,
+                                  **({} if radius is None else {"radius": radius}), **srt_kwargs)
 
-    name = property(lambda self: f"srt({getattr(self.backbone, 'name', type(self.backbone).__name__)})")
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         "SRT tokens `(B, h, w, C)` of `images` `(B, 3, H, W)` in [0, 1]."
         return srt(self.backbone, images, self.config)

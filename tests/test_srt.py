@@ -186,7 +186,7 @@ def test_bad_input():
     bb, x = PatchMeanBackbone(14), torch.rand(1, 3, 56, 56)
     fct.test_fail(lambda: srt(bb, x, agg="mode"), contains="agg='mode' is unknown")
     fct.test_fail(lambda: srt(bb, x, output="grid"), contains="output='grid' is unknown")
-    fct.test_fail(lambda: srt(bb, torch.rand(1, 3, 57, 56)), contains="resize or crop to 56 or 70")
+    fct.test_fail(lambda: srt(bb, torch.rand(1, 3, 57, 56)), contains="resize to 56 or 70")
     fct.test_fail(lambda: srt(bb, x, radius=1.5), contains="radius=1.5")
     fct.test_fail(lambda: srt(bb, x, step=-1), contains="step=-1")
     fct.test_fail(lambda: srt(bb, x, output="fine", factor=3), contains="factor in [2, 7, 14]")
