@@ -78,8 +78,11 @@ _NOT_MEASURED = "not measured (no GPU lent)"
 
 
 # %% ../nbs/06b_bench_srt.ipynb #a224e770
-def write_cpu_benchmark(path: str | Path = "benchmarks/srt_cpu.md", model: str = "vit_small_patch14_dinov2.lvd142m",
-                        size: int = 224, radii: tuple[int, ...] = (1, 2, 3)) -> Path:
+def write_cpu_benchmark(path: str | Path = "benchmarks/srt_cpu.md",          # the Markdown file written
+                        model: str = "vit_small_patch14_dinov2.lvd142m",     # `dvt.make_backbone` spec of the throughput rows
+                        size: int = 224,                                     # square image size of the throughput rows
+                        radii: tuple[int, ...] = (1, 2, 3),                  # SRT radii of the throughput rows
+                       ) -> Path:
     "Measure SRT's CPU throughput (vs plain forwards) and peak memory (vs N) and write them as a Markdown table to `path`."
     from dvt.data import sample_image, resize_images
     torch.manual_seed(0)

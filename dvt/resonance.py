@@ -51,7 +51,11 @@ def grey_of(backbone) -> torch.Tensor:
         if isinstance(mean, torch.Tensor) and mean.numel() == 3: return mean.detach().flatten().float()
     return torch.tensor(IMAGENET_MEAN)
 
-def pad_images(images: torch.Tensor, pad: int, fill: str = "reflect", grey: torch.Tensor | None = None) -> torch.Tensor:
+def pad_images(images: torch.Tensor,             # (B, 3, H, W)
+               pad: int,                          # pixels added on every side
+               fill: str = "reflect",             # 'reflect', 'replicate' or 'grey'
+               grey: torch.Tensor | None = None,  # (3,) the 'grey' colour (default: ImageNet's mean)
+              ) -> torch.Tensor:
     "Pad `(B, 3, H, W)` images by `pad` px on every side with `fill`: 'reflect', 'replicate' or 'grey' (a constant colour)."
     if fill not in FILLS: raise ValueError(f"fill={fill!r} is unknown; use one of {FILLS}.")
     if pad == 0: return images
@@ -63,7 +67,12 @@ def pad_images(images: torch.Tensor, pad: int, fill: str = "reflect", grey: torc
                          "Use a smaller radius or fill='replicate'.")
     return F.pad(images, (pad,) * 4, mode=fill)
 
-def shift_images(images: torch.Tensor, dx: int, dy: int, fill: str = "reflect", grey: torch.Tensor | None = None) -> torch.Tensor:
+def shift_images(images: torch.Tensor,             # (B, 3, H, W)
+                 dx: int,                          # pixels to the right (negative: left)
+                 dy: int,                          # pixels down (negative: up)
+                 fill: str = "reflect",            # the uncovered border: 'reflect', 'replicate' or 'grey'
+                 grey: torch.Tensor | None = None, # (3,) the 'grey' colour (default: ImageNet's mean)
+                ) -> torch.Tensor:
     "Translate `(B, 3, H, W)` images by `(dx, dy)` px (content moves right/down), filling the uncovered border with `fill`."
     r, (H, W) = max(abs(dx), abs(dy)), images.shape[-2:]
     return pad_images(images, r, fill, grey)[..., r - dy:r - dy + H, r - dx:r - dx + W]
@@ -111,8 +120,15 @@ def weights(self: Axis, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     return D @ m, D @ ok
 
 # %% ../nbs/03b_srt.ipynb #2e956db3
-def srt_axes(H: int, W: int, patch: int, stride: int, output: str = "tokens", factor: int = 2,
-             paper: bool = False, paper_patch: int | None = None) -> tuple[Axis, Axis]:
+def srt_axes(H: int,                         # image height (px)
+             W: int,                         # image width (px)
+             patch: int,                     # the backbone's patch size
+             stride: int,                    # its token spacing
+             output: str = "tokens",         # output cells: 'tokens', 'pixels' or 'fine'
+             factor: int = 2,                # density of 'fine' cells against the token grid
+             paper: bool = False,            # the released geometry (nearest x paper_patch field, stride == patch)
+             paper_patch: int | None = None, # the released scripts' patch (None: `patch`)
+            ) -> tuple[Axis, Axis]:
     "The `(y, x)` `Axis` pair for an `H x W` image: the corrected geometry, or the released code's with `paper=True`."
     if output not in OUTPUTS: raise ValueError(f"output={output!r} is unknown; use one of {OUTPUTS}.")
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
