@@ -18,8 +18,7 @@ from .data import check_images
 # %% auto #0
 __all__ = ['AGGS', 'OUTPUTS', 'FILLS', 'IMPLS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'SRT_PRESETS', 'shift_grid', 'phase_grid',
            'grey_of', 'pad_images', 'shift_images', 'Axis', 'srt_axes', 'nan_median', 'SRTConfig', 'srt',
-           'PatchMeanBackbone', 'shift_instability', 'noise_ensemble', 'output_ensemble', 'bicubic_pool', 'SRTBaseline',
-           'SRTTeacher']
+           'PatchMeanBackbone', 'noise_ensemble', 'output_ensemble', 'bicubic_pool', 'SRTBaseline', 'SRTTeacher']
 
 # %% ../nbs/03b_srt.ipynb #a98b43f6
 AGGS, OUTPUTS, FILLS, IMPLS = ("mean", "median"), ("tokens", "pixels", "fine"), ("reflect", "replicate", "grey"), ("auto", "token", "pixel")
@@ -451,18 +450,6 @@ class PatchMeanBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         t = F.avg_pool2d(images, self.patch_size, self.stride).permute(0, 2, 3, 1)   # (B, h, w, 3)
         return t if self.threshold is None else (t > self.threshold).float()
-
-# %% ../nbs/03b_srt.ipynb #250d9a29
-def shift_instability(backbone: nn.Module, images: torch.Tensor, shift: tuple[int, int] = (5, 3), **srt_kw) -> float:
-    "Label-free: relative change of SRT's pixel features when the image moves by `shift` px, moved back (0: translation-equivariant)."
-    dx, dy = shift
-    a = srt(backbone, images, output="pixels", progress=False, **srt_kw)                  # (B, H, W, C)
-    b = srt(backbone, shift_images(images, dx, dy, "reflect"), output="pixels", progress=False, **srt_kw)
-    p = backbone.patch_size
-    m = p + p // 2 + max(abs(dx), abs(dy))                                    # beyond every border effect (fill, reach)
-    H, W = a.shape[1:3]
-    ref, moved = a[:, m:H - m, m:W - m], b[:, m + dy:H - m + dy, m + dx:W - m + dx]
-    return ((moved - ref) ** 2).sum().item() / ((ref - ref.mean((1, 2), keepdim=True)) ** 2).sum().item()
 
 # %% ../nbs/03b_srt.ipynb #472ea658
 @torch.no_grad()

@@ -298,14 +298,6 @@ def test_phases():
     fct.test_eq(sum(seen), 2 * 4)                                                   # 2 x 2 half-patch phases: 4 passes per image
 
 
-def test_shift_instability_ranks_the_full_period_below_one_view():
-    from dvt.resonance import shift_instability
-    bb = PatchMeanBackbone(7)
-    x = torch.rand(1, 3, 70, 70, generator=torch.Generator().manual_seed(5))
-    one, full = shift_instability(bb, x, radius=0), shift_instability(bb, x, radius=3)
-    assert full < 1e-10 < 0.01 < one, (full, one)                                   # the full period is translation-equivariant
-
-
 class NaNWhen(PatchMeanBackbone):
     "NaN tokens whenever pixel (9, 11) of a view is lit."
     def forward(self, im): t = super().forward(im); t[im[:, 0, 9, 11] > 0.5] = float("nan"); return t
