@@ -225,13 +225,6 @@ def make_backbone(model: str, pretrained: bool = True, checkpoint: str | None = 
     from dvt.backbones import Backbone
     return Backbone(model, pretrained=pretrained, checkpoint=checkpoint, layer=layer, stride=stride)
 
-def _in_ipython() -> bool:
-    try: from IPython import get_ipython
-    except ImportError: return False
-    return get_ipython() is not None
-
-if __name__ == "__main__" and not _in_ipython(): denoise_folder_cli()   # python -m dvt.stage1_data (e.g. under torchrun)
-
 # %% ../nbs/02d_stage1_data.ipynb #f3c54548
 DENOISE_EPILOG = """Killed and rerun: rerunning the same command skips every image whose output file is complete (its
 header and size are checked; a truncated or empty file is recomputed), removes the killed run's temporary files, and
@@ -299,3 +292,11 @@ def _summary(rep: dict, secs: float):
     if rep["stopped"]:
         print(f"{tag} stopped: {rep['stopped']} in {rep['out']}. The finished images are kept; free space (or make the folder "
               "writable) and rerun the same command to continue.", file=sys.stderr, flush=True)
+
+# %% ../nbs/02d_stage1_data.ipynb #15a8b8e7
+def _in_ipython() -> bool:
+    try: from IPython import get_ipython
+    except ImportError: return False
+    return get_ipython() is not None
+
+if __name__ == "__main__" and not _in_ipython(): denoise_folder_cli()   # python -m dvt.stage1_data (e.g. under torchrun)
