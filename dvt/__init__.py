@@ -16,7 +16,7 @@ _API = {
     "denoise_image": "stage1", "denoise_images": "stage1", "denoise_folder": "stage1_data",
     "Denoiser": "denoiser", "DenoisedBackbone": "denoiser", "load_official": "denoiser",
     "load_denoiser": "denoiser", "save_denoiser": "denoiser", "train_denoiser": "denoiser",
-    "distill": "distill",
+    "distill": "distillation",
     "srt": "resonance", "SRTTeacher": "resonance",
     "mic": "metrics", "position_mic": "metrics",
     "make_fixtures": "datasets", "load_dataset": "datasets",

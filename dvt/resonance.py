@@ -357,7 +357,7 @@ def srt_memory_probe(backbone: str = "planted:384:14", size: int = 448, radius: 
 
 # %% ../nbs/03b_srt.ipynb #c2cef98e
 class SRTTeacher(nn.Module):
-    "`srt(backbone, images, ...)` tokens as a module: a backbone in its own right and a frozen teacher for `dvt.distill.distill`."
+    "`srt(backbone, images, ...)` tokens as a module: a backbone in its own right and a frozen teacher for `dvt.distillation.distill`."
     def __init__(self, backbone: nn.Module, radius: int = 3, step: int = 1, agg: str = "mean", batch_size: int = 32, **srt_kwargs):
         super().__init__()
         if "output" in srt_kwargs or "layers" in srt_kwargs:

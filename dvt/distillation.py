@@ -4,20 +4,23 @@
 
 # %% ../nbs/03a_distill.ipynb #72f38e58
 from __future__ import annotations
-import argparse, copy, random
+import argparse, copy, hashlib, random, sys
 from pathlib import Path
 from typing import Callable, Sequence
 import torch
 import torch.nn as nn
-from .core import figures_dir, pick_device
+from .core import pick_device
 from .data import load_image, resize_images
-from .backbones import Backbone, save_backbone
+from .backbones import Backbone
 from .stage1_data import list_images
-from .denoiser import (TrainConfig, StepSampler, step_loader, fit, token_loss, DenoisedBackbone, Denoiser, load_denoiser,
-                          load_official, distributed_run, dist_info, _add_train_args, _config_from_args)
+from .runs import save_tensors, module_fingerprint, user_errors
+from .train import (TrainConfig, StepSampler, step_loader, fit, distributed_run, dist_info, add_train_args, config_from_args,
+                       TRAIN_EPILOG)
+from .denoiser import token_loss, DenoisedBackbone, Denoiser, load_denoiser, load_official
 
 # %% auto #0
-__all__ = ['DISTILL_PRESETS', 'make_student', 'ImageSet', 'distill', 'distill_loss', 'distill_denoised', 'distill_cli']
+__all__ = ['DISTILL_PRESETS', 'make_student', 'distill_config', 'ImageSet', 'save_student', 'check_teacher', 'distill',
+           'distill_loss', 'distill_denoised', 'distill_cli']
 
 # %% ../nbs/03a_distill.ipynb #ae38ca72
 DISTILL_PRESETS = {
@@ -29,6 +32,12 @@ def make_student(backbone: nn.Module) -> nn.Module:
     "A trainable copy of `backbone` (all parameters require grad), leaving `backbone` untouched for the teacher."
     student = copy.deepcopy(backbone)
     return student.requires_grad_(True).train()
+
+def distill_config(cfg: TrainConfig | str) -> TrainConfig:
+    "`cfg`, or the preset it names."
+    if not isinstance(cfg, str): return cfg
+    if cfg not in DISTILL_PRESETS: raise ValueError(f"unknown preset {cfg!r}; use one of {list(DISTILL_PRESETS)} or a TrainConfig.")
+    return DISTILL_PRESETS[cfg]
 
 # %% ../nbs/03a_distill.ipynb #0ec349ce
 class ImageSet(torch.utils.data.Dataset):
@@ -44,6 +53,7 @@ class ImageSet(torch.utils.data.Dataset):
             raise ValueError(f"{len(targets)} targets for {len(self.items)} images; give one (h, w, C) target per image.")
         self.flip, self.seed, self.targets = flip, seed, targets
         self._cache = {} if len(self.items) * 3 * self.size[0] * self.size[1] * 4 <= cache_bytes else None
+        self.unreadable: dict[int, str] = {}                         # index -> error, in this process
 
     def __len__(self): return len(self.items)
 
@@ -60,19 +70,38 @@ class ImageSet(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         step, i = key if isinstance(key, tuple) else (None, key)
+        x, i = self.readable(i)
         f = step is not None and self.flipped(step, i)
-        x = self.image(i).flip(-1) if f else self.image(i)
+        x = x.flip(-1) if f else x
         if self.targets is None: return (x,)
         t = torch.as_tensor(self.targets[i]).float()
         return x, (t.flip(1) if f else t)
 
-# %% ../nbs/03a_distill.ipynb #762e4a5a
-def _save_module(m: nn.Module, path: Path) -> Path:
-    from safetensors.torch import save_file
-    sd = {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp"); save_file(sd, str(tmp)); tmp.replace(path); return path
+# %% ../nbs/03a_distill.ipynb #b426291d
+from fastcore.basics import patch
 
-def _check_teacher(student: nn.Module, teacher) -> None:
+@patch
+def readable(self: ImageSet, i: int) -> tuple[torch.Tensor, int]:
+    "`(image, index)` of image `i`, or of the next readable one if `i` cannot be read (named once on stderr)."
+    for j in [*range(i, len(self.items)), *range(i)]:
+        if j in self.unreadable: continue
+        try: return self.image(j), j
+        except (KeyboardInterrupt, SystemExit): raise
+        except Exception as e:
+            self.unreadable[j] = f"{type(e).__name__}: {e}"
+            print(f"[dvt] skipping unreadable image {self.items[j]}: {self.unreadable[j][:200]}", file=sys.stderr, flush=True)
+    raise ValueError(f"none of the {len(self.items)} training images can be read (e.g. {self.items[i]}: {self.unreadable.get(i)}).")
+
+# %% ../nbs/03a_distill.ipynb #762e4a5a
+def save_student(student: nn.Module, path: str | Path) -> Path:
+    "Save the student's weights atomically (a `Backbone` in `save_backbone`'s format: timm weights + name/settings metadata)."
+    if isinstance(student, Backbone):
+        meta = {"timm_name": student.name, "layer": student.layer, "norm": student.norm, "stride": student.stride}
+        return save_tensors(path, student.model.state_dict(), meta)
+    return save_tensors(path, student.state_dict())
+
+def check_teacher(student: nn.Module, teacher) -> None:
+    "Refuse a teacher that is not callable or shares parameters with `student`."
     if not callable(teacher): raise TypeError(f"teacher must be callable, images (B, 3, H, W) -> tokens (B, h, w, C); got {type(teacher).__name__}.")
     if isinstance(teacher, nn.Module):
         shared = {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}
@@ -81,22 +110,35 @@ def _check_teacher(student: nn.Module, teacher) -> None:
 
 # %% ../nbs/03a_distill.ipynb #07e1b3c3
 def distill(student: nn.Module, teacher: Callable | None, images, out_dir: str | Path, cfg: TrainConfig | str = "paper", *,
-            size: int | None = None, flip: bool = True, targets: Sequence[torch.Tensor] | None = None, device=None,
-            resume: bool = True, progress: bool = True, workers: int = 0, curve: str | Path | None = "auto",
-            callback: Callable | None = None, save_fn: Callable | None = None, desc: str = "stage 3: distill") -> list[float]:
+            size: int | None = None,  # input size (default: the student's)
+            flip: bool = True,  # random horizontal flips (a pure function of seed, step and image)
+            targets: Sequence[torch.Tensor] | None = None,  # precomputed (h, w, C) tokens per image, instead of a teacher
+            device=None, resume: bool = True, progress: bool = True,
+            workers: int = 0,  # data loader processes
+            curve: str | Path | None = "auto",  # loss curve PNG: "auto" = `<out_dir>/loss.png`, None = none
+            callback: Callable | None = None,  # `callback(step, loss)` after each step
+            save_fn: Callable | None = None,  # `save_fn(student, path)` (default: `save_student`)
+            desc: str = "stage 3: distill",
+            restart: str = "resume=False",  # how to start over, named in messages
+            ) -> list[float]:
     "Fine-tune `student` (all parameters, in place) so its tokens match `teacher(images)` or `targets`; return the loss per step."
-    if isinstance(cfg, str):
-        if cfg not in DISTILL_PRESETS: raise ValueError(f"unknown preset {cfg!r}; use one of {list(DISTILL_PRESETS)} or a TrainConfig.")
-        cfg = DISTILL_PRESETS[cfg]
+    cfg = distill_config(cfg)
     if (teacher is None) == (targets is None): raise ValueError("give exactly one of teacher (a callable) and targets (precomputed tokens).")
-    if teacher is not None: _check_teacher(student, teacher)
+    if teacher is not None: check_teacher(student, teacher)
     data = ImageSet(images, size or student.input_size, flip=flip, seed=cfg.seed, targets=targets)
     total = cfg.total_steps(len(data))
     sampler = StepSampler(len(data), cfg.batch_size, cfg.seed)
     batches = lambda start, rank, world: step_loader(data, sampler, start, total, rank, world, workers)
     device = pick_device(device)
-    if isinstance(teacher, nn.Module): teacher.to(device).eval().requires_grad_(False)
+    if isinstance(teacher, nn.Module): teacher.to(device).eval()
+    save = save_fn or save_student
+    return fit(student, _distill_loss_fn(teacher, targets), batches, cfg, out_dir, total_steps=total, device=device,
+               resume=resume, progress=progress, desc=desc, callback=callback, curve=curve, restart=restart,
+               save_fn=lambda m, out: save(m, Path(out) / "student.safetensors"), extra=_run_extra(student, teacher, targets, data, flip))
 
+# %% ../nbs/03a_distill.ipynb #94311e7a
+def _distill_loss_fn(teacher, targets):
+    "The loss of a batch: the student's tokens against the teacher's (under `no_grad`) or the batch's targets."
     def loss_fn(net, batch):
         x = batch[0]
         if targets is None:
@@ -107,12 +149,23 @@ def distill(student: nn.Module, teacher: Callable | None, images, out_dir: str |
             raise ValueError(f"student tokens {tuple(s.shape)} and teacher tokens {tuple(t.shape)} differ: the teacher must give "
                              "tokens on the student's grid (same input size, patch size and stride).")
         return token_loss(s, t.to(s.dtype))
+    return loss_fn
 
-    save = save_fn or (save_backbone if isinstance(student, Backbone) else _save_module)
-    if curve == "auto": curve = figures_dir() / f"distill_loss_{Path(out_dir).resolve().name}.png"
-    return fit(student, loss_fn, batches, cfg, out_dir, total_steps=total, device=device, resume=resume, progress=progress,
-               desc=desc, callback=callback, curve=curve, save_fn=lambda m, out: save(m, Path(out) / "student.safetensors"),
-               extra={"n_images": len(data), "size": list(data.size), "flip": flip, "student": getattr(student, "name", None)})
+def _run_extra(student, teacher, targets, data: ImageSet, flip: bool) -> dict:
+    "What the run record adds to the training settings: the data, the student's name and the teacher's or targets' fingerprint."
+    h = hashlib.sha256()
+    for it in data.items: h.update((str(it) if not isinstance(it, torch.Tensor) else module_fingerprint(_Holder(it))).encode())
+    extra = {"n_images": len(data), "images": "sha256:" + h.hexdigest(), "size": list(data.size), "flip": flip,
+             "student": getattr(student, "name", None)}
+    if isinstance(teacher, nn.Module): extra["teacher"] = module_fingerprint(teacher)
+    if targets is not None: extra["targets"] = module_fingerprint(_Holder(*[torch.as_tensor(t) for t in targets]))
+    return extra
+
+class _Holder(nn.Module):
+    "Tensors as buffers, to fingerprint them."
+    def __init__(self, *ts):
+        super().__init__()
+        for k, t in enumerate(ts): self.register_buffer(f"t{k}", t.detach())
 
 # %% ../nbs/03a_distill.ipynb #cc65b9e8
 @torch.inference_mode()
@@ -134,9 +187,14 @@ def distill_loss(student: nn.Module, teacher: Callable | None, images, size: int
 
 # %% ../nbs/03a_distill.ipynb #ee00531a
 def distill_denoised(model: str, denoiser, images, out_dir: str | Path, cfg: TrainConfig | str = "paper", *,
-                     checkpoint: str | Path | None = None, pretrained: bool = True, folder: str = "voc_denoised", **kwargs) -> Backbone:
+                     checkpoint: str | Path | None = None,  # local ViT weights instead of timm's download
+                     pretrained: bool = True,  # False: random weights from `cfg.seed` (tests)
+                     folder: str = "voc_denoised",  # official folder when `denoiser="official"`
+                     **kwargs) -> Backbone:
     "DVT's stage 3 for timm `model`: teacher = frozen ViT + `denoiser` (path, `Denoiser`, or 'official'); return the student."
-    vit = Backbone(model, pretrained=pretrained, checkpoint=checkpoint)
+    cfg = distill_config(cfg)
+    with torch.random.fork_rng(devices=[]):                         # random init comes from the run's seed, not the caller's RNG
+        torch.manual_seed(cfg.seed); vit = Backbone(model, pretrained=pretrained, checkpoint=checkpoint)
     if isinstance(denoiser, Denoiser): den = denoiser
     elif str(denoiser) == "official": den = load_official(model, folder=folder)
     else: den = load_denoiser(denoiser)
@@ -144,22 +202,26 @@ def distill_denoised(model: str, denoiser, images, out_dir: str | Path, cfg: Tra
     distill(student, DenoisedBackbone(vit, den), images, out_dir, cfg, **kwargs)
     return student.eval()
 
+# %% ../nbs/03a_distill.ipynb #86c269f2
 def distill_cli(argv: list[str] | None = None):
-    "Console entry point `dvt_distill`: fine-tune a timm ViT to match ViT + denoiser on an image folder (torchrun for multi-GPU)."
-    ap = argparse.ArgumentParser(prog="dvt_distill", description=distill_cli.__doc__)
+    "Fine-tune a timm ViT so its tokens match the ViT + a DVT denoiser (DVT's stage 3) on an image folder (torchrun for several GPUs)."
+    ap = argparse.ArgumentParser(prog="dvt_distill", description=distill_cli.__doc__, epilog=TRAIN_EPILOG + """
+Unreadable images are skipped by name (a line on stderr) and the next readable image takes their place.""",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="timm model name, e.g. vit_base_patch14_dinov2.lvd142m")
     ap.add_argument("images", help="image folder (recursive), e.g. ImageNet train/")
-    ap.add_argument("out", help="output folder: student.safetensors (load with Backbone(model, checkpoint=...)) + train_state")
+    ap.add_argument("out", help="output folder: student.safetensors (load with Backbone(model, checkpoint=...)) + train_state + loss.png")
     ap.add_argument("--denoiser", required=True, help="denoiser.safetensors / official .pth, or 'official' to download it")
     ap.add_argument("--folder", default="voc_denoised", help="official folder with --denoiser official")
     ap.add_argument("--checkpoint", default=None, help="local ViT weights (offline) instead of timm's download")
-    ap.add_argument("--random-init", action="store_true", help="random ViT weights (for tests)")
+    ap.add_argument("--random-init", action="store_true", help="random ViT weights from the run's seed (for tests)")
     ap.add_argument("--size", type=int, default=None, help="input size (default: 518 for patch 14, 512 for patch 16)")
     ap.add_argument("--epochs", type=float, default=None, help="override the preset's length in epochs")
-    _add_train_args(ap, DISTILL_PRESETS)
+    add_train_args(ap, DISTILL_PRESETS)
     a = ap.parse_args(argv)
-    with distributed_run(a.device) as device:
-        distill_denoised(a.model, a.denoiser, a.images, a.out, _config_from_args(DISTILL_PRESETS, a), checkpoint=a.checkpoint,
+    with user_errors("dvt_distill"), distributed_run(a.device) as device:
+        distill_denoised(a.model, a.denoiser, a.images, a.out, config_from_args(DISTILL_PRESETS, a), checkpoint=a.checkpoint,
                          pretrained=not a.random_init, folder=a.folder, size=a.size, device=device, resume=not a.no_resume,
-                         progress=not a.no_progress, workers=a.workers, curve=a.curve)
+                         progress=not a.no_progress, workers=a.workers, curve=None if a.curve == "none" else a.curve,
+                         restart="--no-resume")
         if dist_info()[0] == 0: print(f"[dvt_distill] wrote {Path(a.out) / 'student.safetensors'}")
