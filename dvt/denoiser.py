@@ -15,14 +15,16 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from .backbones import check_model_name, load_into
+from .contract import BackboneWrapper
+from .config import make_config
 from .runs import save_tensors, write_json, read_json, safetensors_problem, user_errors
 from .train import (TrainConfig, StepSampler, step_loader, fit, dist_info, distributed_run, add_train_args,
                        config_from_args, TRAIN_EPILOG)
 
 # %% auto #0
-__all__ = ['OFFICIAL_REPO', 'OFFICIAL_FOLDERS', 'DENOISER_PRESETS', 'Denoiser', 'pos_embed_for', 'DenoisedBackbone',
-           'save_denoiser', 'load_denoiser_state', 'load_denoiser', 'load_official', 'token_loss', 'PairFolder',
-           'pair_shapes', 'train_denoiser', 'train_denoiser_cli']
+__all__ = ['OFFICIAL_REPO', 'OFFICIAL_FOLDERS', 'OFFICIAL_DISTILLED', 'DENOISER_PRESETS', 'Denoiser', 'pos_embed_for',
+           'DenoisedBackbone', 'save_denoiser', 'load_denoiser_state', 'load_denoiser', 'official_file',
+           'load_official', 'token_loss', 'PairFolder', 'pair_shapes', 'train_denoiser', 'train_denoiser_cli']
 
 # %% ../nbs/03_denoiser.ipynb #b5bb212d
 def _num_heads(embed_dim: int) -> int:
@@ -74,30 +76,18 @@ def _denoiser_forward(self: Denoiser, x: torch.Tensor) -> torch.Tensor:
 Denoiser.pos_embed_for, Denoiser.forward = pos_embed_for, _denoiser_forward
 
 # %% ../nbs/03_denoiser.ipynb #b6f47d04
-class DenoisedBackbone(nn.Module):
+class DenoisedBackbone(BackboneWrapper):
     "A backbone followed by its `Denoiser`: `(B, 3, H, W)` images in [0, 1] -> denoised tokens `(B, h, w, C)`."
+    variant = "denoised"
+
     def __init__(self, backbone: nn.Module, denoiser: Denoiser):
-        super().__init__()
-        for k in ("patch_size", "stride", "embed_dim", "input_size"):
-            if not hasattr(backbone, k): raise TypeError(f"backbone {type(backbone).__name__} lacks attribute {k!r} of the backbone contract.")
-        if denoiser.embed_dim != backbone.embed_dim:
+        super().__init__(backbone)                                  # checks the contract; geometry comes from `backbone`
+        if denoiser.embed_dim != self.embed_dim:
             raise ValueError(f"the denoiser is {denoiser.embed_dim}-wide but the backbone {getattr(backbone, 'name', '')!r} "
-                             f"gives {backbone.embed_dim}-dim tokens: use the denoiser trained for this backbone.")
-        self.backbone, self.denoiser = backbone, denoiser
+                             f"gives {self.embed_dim}-dim tokens: use the denoiser trained for this backbone.")
+        self.denoiser = denoiser
 
-    patch_size = property(lambda self: self.backbone.patch_size)
-    stride = property(lambda self: self.backbone.stride)
-    embed_dim = property(lambda self: self.backbone.embed_dim)
-    input_size = property(lambda self: self.backbone.input_size)
-    num_prefix_tokens = property(lambda self: getattr(self.backbone, "num_prefix_tokens", 0))
-    num_blocks = property(lambda self: getattr(self.backbone, "num_blocks", 1))
-    layer = property(lambda self: getattr(self.backbone, "layer", -1))
     norm = property(lambda self: getattr(self.backbone, "norm", True))
-    name = property(lambda self: getattr(self.backbone, "name", type(self.backbone).__name__))
-
-    def grid_size(self, H: int, W: int) -> tuple[int, int]:
-        "Token grid `(h, w)` for an `H x W` input (the backbone's rule)."
-        return self.backbone.grid_size(H, W)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         "Denoised patch tokens `(B, h, w, C)` of `images` `(B, 3, H, W)` in [0, 1]."
@@ -181,13 +171,13 @@ def load_denoiser(path: str | Path) -> Denoiser:
 
 # %% ../nbs/03_denoiser.ipynb #f17935e7
 OFFICIAL_REPO = "jjiaweiyang/DVT"
-OFFICIAL_FOLDERS = ("voc_denoised", "imgnet_denoised")
+OFFICIAL_FOLDERS = ("voc_denoised", "imgnet_denoised")      # stage-2 denoisers
+OFFICIAL_DISTILLED = ("voc_distilled", "imgnet_distilled")   # stage-3 ViTs
 
-def _official_file(name: str, folder: str, repo_id: str) -> Path:
-    "Fetch `<folder>/<name>.pth` from the Hugging Face hub (or its local cache), with a clear error offline."
-    if folder not in OFFICIAL_FOLDERS:
-        hint = " Distilled files are whole ViTs: load them with Backbone(name, checkpoint=path)." if "distilled" in folder else ""
-        raise ValueError(f"folder={folder!r} holds no denoisers; use one of {OFFICIAL_FOLDERS}.{hint}")
+def official_file(name: str, folder: str = "voc_denoised", repo_id: str = OFFICIAL_REPO) -> Path:
+    "The local path of the released `<folder>/<name>.pth` of DVT's hub repo (downloaded once, then cached), or a clear error offline."
+    if folder not in OFFICIAL_FOLDERS + OFFICIAL_DISTILLED:
+        raise ValueError(f"folder={folder!r} is not a folder of {repo_id}; use one of {OFFICIAL_FOLDERS + OFFICIAL_DISTILLED}.")
     check_model_name(name)
     fname = f"{folder}/{name}.pth"
     try:
@@ -222,7 +212,11 @@ def load_official(path_or_model_name: str | Path, folder: str = "voc_denoised", 
     p = Path(path_or_model_name)
     if p.is_file(): path = p
     elif p.suffix in (".pth", ".pt", ".bin") or len(p.parts) > 1: raise FileNotFoundError(f"official denoiser file not found: {p}")
-    else: path = _official_file(str(path_or_model_name), folder, repo_id)
+    else:
+        if folder not in OFFICIAL_FOLDERS:
+            hint = " Distilled files are whole ViTs: load them with Backbone(name, checkpoint=path)." if "distilled" in folder else ""
+            raise ValueError(f"folder={folder!r} holds no denoisers; use one of {OFFICIAL_FOLDERS}.{hint}")
+        path = official_file(str(path_or_model_name), folder, repo_id)
     sd = _read_official(path)
     pe = sd.get("pos_embed")
     if pe is None or pe.ndim != 3: raise ValueError(f"{path} has no pos_embed (1, N, C) tensor; keys: {list(sd)[:8]}.")
@@ -317,18 +311,19 @@ def fingerprint(self: PairFolder) -> str:
     return "sha256:" + h.hexdigest()
 
 # %% ../nbs/03_denoiser.ipynb #3544f92d
-def train_denoiser(pairs: str | Path, out_dir: str | Path, cfg: TrainConfig | str = "paper", *,
+def train_denoiser(pairs: str | Path, out_dir: str | Path,
+                   preset: TrainConfig | str = "paper",  # a name in `DENOISER_PRESETS` or a `TrainConfig`
+                   *,
                    device=None, resume: bool = True, progress: bool = True,
                    workers: int = 0,  # data loader processes
                    curve: str | Path | None = "auto",  # loss curve PNG: "auto" = `<out_dir>/loss.png`, None = none
                    callback: Callable | None = None,  # `callback(step, loss)` after each step
                    desc: str = "stage 2: denoiser",
                    restart: str = "resume=False",  # how to start over, named in messages
+                   **overrides,  # `TrainConfig` fields to change, e.g. steps=1000
                    ) -> Denoiser:
     "Train a `Denoiser` on the stage-1 pairs in `pairs` (raw -> clean), checkpointing in `out_dir`; return it (eval mode)."
-    if isinstance(cfg, str):
-        if cfg not in DENOISER_PRESETS: raise ValueError(f"unknown preset {cfg!r}; use one of {list(DENOISER_PRESETS)} or a TrainConfig.")
-        cfg = DENOISER_PRESETS[cfg]
+    cfg = make_config(TrainConfig, DENOISER_PRESETS, preset, what="stage-2 training", **overrides)
     data = PairFolder(pairs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed); den = Denoiser(data.embed_dim, data.grid)

@@ -14,6 +14,8 @@ from .data import load_image, resize_images
 from .backbones import Backbone
 from .stage1_data import list_images
 from .runs import save_tensors, module_fingerprint, user_errors
+from .config import make_config
+from .contract import check_backbone
 from .train import (TrainConfig, StepSampler, step_loader, fit, distributed_run, dist_info, add_train_args, config_from_args,
                        TRAIN_EPILOG)
 from .denoiser import token_loss, DenoisedBackbone, Denoiser, load_denoiser, load_official
@@ -33,11 +35,9 @@ def make_student(backbone: nn.Module) -> nn.Module:
     student = copy.deepcopy(backbone)
     return student.requires_grad_(True).train()
 
-def distill_config(cfg: TrainConfig | str) -> TrainConfig:
-    "`cfg`, or the preset it names."
-    if not isinstance(cfg, str): return cfg
-    if cfg not in DISTILL_PRESETS: raise ValueError(f"unknown preset {cfg!r}; use one of {list(DISTILL_PRESETS)} or a TrainConfig.")
-    return DISTILL_PRESETS[cfg]
+def distill_config(preset: TrainConfig | str = "paper", **overrides) -> TrainConfig:
+    "The stage-3 `TrainConfig`: `preset` (a name in `DISTILL_PRESETS` or a config) with `overrides` (see `dvt.config.make_config`)."
+    return make_config(TrainConfig, DISTILL_PRESETS, preset, what="stage-3 distillation", **overrides)
 
 # %% ../nbs/03a_distill.ipynb #0ec349ce
 class ImageSet(torch.utils.data.Dataset):
@@ -109,7 +109,9 @@ def check_teacher(student: nn.Module, teacher) -> None:
                                     "student = make_student(backbone).")
 
 # %% ../nbs/03a_distill.ipynb #07e1b3c3
-def distill(student: nn.Module, teacher: Callable | None, images, out_dir: str | Path, cfg: TrainConfig | str = "paper", *,
+def distill(student: nn.Module, teacher: Callable | None, images, out_dir: str | Path,
+            preset: TrainConfig | str = "paper",  # a name in `DISTILL_PRESETS` or a `TrainConfig`
+            *,
             size: int | None = None,  # input size (default: the student's)
             flip: bool = True,  # random horizontal flips (a pure function of seed, step and image)
             targets: Sequence[torch.Tensor] | None = None,  # precomputed (h, w, C) tokens per image, instead of a teacher
@@ -120,12 +122,13 @@ def distill(student: nn.Module, teacher: Callable | None, images, out_dir: str |
             save_fn: Callable | None = None,  # `save_fn(student, path)` (default: `save_student`)
             desc: str = "stage 3: distill",
             restart: str = "resume=False",  # how to start over, named in messages
+            **overrides,  # `TrainConfig` fields to change, e.g. steps=100
             ) -> list[float]:
     "Fine-tune `student` (all parameters, in place) so its tokens match `teacher(images)` or `targets`; return the loss per step."
-    cfg = distill_config(cfg)
+    cfg = distill_config(preset, **overrides)
     if (teacher is None) == (targets is None): raise ValueError("give exactly one of teacher (a callable) and targets (precomputed tokens).")
     if teacher is not None: check_teacher(student, teacher)
-    data = ImageSet(images, size or student.input_size, flip=flip, seed=cfg.seed, targets=targets)
+    data = ImageSet(images, size or check_backbone(student, "distill").input_size, flip=flip, seed=cfg.seed, targets=targets)
     total = cfg.total_steps(len(data))
     sampler = StepSampler(len(data), cfg.batch_size, cfg.seed)
     batches = lambda start, rank, world: step_loader(data, sampler, start, total, rank, world, workers)
@@ -173,7 +176,7 @@ def distill_loss(student: nn.Module, teacher: Callable | None, images, size: int
                  targets: Sequence[torch.Tensor] | None = None, device=None) -> float:
     "Mean token loss of `student` against `teacher` (or `targets`) over `images` (no augmentation)."
     device = pick_device(device)
-    data = ImageSet(images, size or student.input_size, flip=False, targets=targets)
+    data = ImageSet(images, size or check_backbone(student, "distill_loss").input_size, flip=False, targets=targets)
     was = student.training; student.to(device).eval()
     if isinstance(teacher, nn.Module): teacher.to(device).eval()
     total = 0.0
@@ -186,13 +189,15 @@ def distill_loss(student: nn.Module, teacher: Callable | None, images, size: int
     return total / len(data)
 
 # %% ../nbs/03a_distill.ipynb #ee00531a
-def distill_denoised(model: str, denoiser, images, out_dir: str | Path, cfg: TrainConfig | str = "paper", *,
+def distill_denoised(model: str, denoiser, images, out_dir: str | Path,
+                     preset: TrainConfig | str = "paper",  # a name in `DISTILL_PRESETS` or a `TrainConfig`
+                     *,
                      checkpoint: str | Path | None = None,  # local ViT weights instead of timm's download
                      pretrained: bool = True,  # False: random weights from `cfg.seed` (tests)
                      folder: str = "voc_denoised",  # official folder when `denoiser="official"`
-                     **kwargs) -> Backbone:
+                     **kwargs) -> Backbone:  # `distill`'s options and `TrainConfig` overrides
     "DVT's stage 3 for timm `model`: teacher = frozen ViT + `denoiser` (path, `Denoiser`, or 'official'); return the student."
-    cfg = distill_config(cfg)
+    cfg = distill_config(preset, **{k: kwargs.pop(k) for k in list(kwargs) if k in TrainConfig.__dataclass_fields__})
     with torch.random.fork_rng(devices=[]):                         # random init comes from the run's seed, not the caller's RNG
         torch.manual_seed(cfg.seed); vit = Backbone(model, pretrained=pretrained, checkpoint=checkpoint)
     if isinstance(denoiser, Denoiser): den = denoiser

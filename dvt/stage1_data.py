@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from .core import pick_device
+from .contract import make_backbone
 from .stage1 import Stage1Config, stage1_config, _geometry, _prepare, _fit_prepared
 from .runs import (RunLock, LockedError, Progress, save_tensors, safetensors_problem, check_writable, clean_temporaries,
                       disk_problem, read_json, write_json, module_fingerprint, fault_point, user_errors)
 
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'DENOISE_EPILOG', 'write_stage1', 'read_stage1', 'list_images', 'image_seed', 'parse_shard',
-           'backbone_info', 'weights_info', 'run_config', 'prepare_out', 'denoise_folder', 'make_backbone',
-           'denoise_folder_cli']
+           'backbone_info', 'weights_info', 'run_config', 'prepare_out', 'denoise_folder', 'denoise_folder_cli']
 
 # %% ../nbs/02d_stage1_data.ipynb #c005e169
 def write_stage1(path: str | Path, raw: torch.Tensor, clean: torch.Tensor, meta: dict | None = None) -> Path:
@@ -216,14 +216,13 @@ def _value(s: str):
     try: return json.loads(s)
     except json.JSONDecodeError: return s
 
-def make_backbone(model: str, pretrained: bool = True, checkpoint: str | None = None, layer: int = -1,
-                  stride: int | None = None) -> nn.Module:
-    "A `Backbone` for a timm name, or the synthetic `PlantedBackbone` for `model='planted'`."
-    if model == "planted":
-        from dvt.synthetic import PlantedBackbone
-        return PlantedBackbone(**({"stride": stride} if stride else {}))
-    from dvt.backbones import Backbone
-    return Backbone(model, pretrained=pretrained, checkpoint=checkpoint, layer=layer, stride=stride)
+def _backbone_options(a: argparse.Namespace) -> dict:
+    "The `dvt.make_backbone` options the command line set (only those given, so any registered base accepts them)."
+    opts = {"pretrained": False} if a.random_init else {}
+    if a.checkpoint: opts["checkpoint"] = a.checkpoint
+    if a.layer != -1: opts["layer"] = a.layer
+    if a.stride: opts["stride"] = a.stride
+    return opts
 
 # %% ../nbs/02d_stage1_data.ipynb #f3c54548
 DENOISE_EPILOG = """Killed and rerun: rerunning the same command skips every image whose output file is complete (its
@@ -251,7 +250,7 @@ def denoise_folder_cli(argv: list[str] | None = None):
     if a.threads: torch.set_num_threads(a.threads)
     with user_errors("dvt_denoise"):
         stage1_config(a.preset, **overrides)                         # bad settings fail before the model loads
-        bb = make_backbone(a.model, pretrained=not a.random_init, checkpoint=a.checkpoint, layer=a.layer, stride=a.stride)
+        bb = make_backbone(a.model, **_backbone_options(a))
         t0 = time.perf_counter()
         rep = denoise_folder(a.source, a.out, bb, preset=a.preset, shard=a.shard, overwrite=a.overwrite,
                              batch_images=a.batch_images, progress=not a.no_progress, **overrides)
@@ -262,7 +261,8 @@ def denoise_folder_cli(argv: list[str] | None = None):
 def _add_denoise_args(ap: argparse.ArgumentParser):
     ap.add_argument("source", help="folder of images (recursive) or a text file with one image path per line")
     ap.add_argument("--out", required=True, help="output folder: config.json + <stem>.safetensors (raw, clean)")
-    ap.add_argument("--model", required=True, help="timm model name (e.g. vit_base_patch14_dinov2.lvd142m) or 'planted'")
+    ap.add_argument("--model", required=True, help="a backbone spec (dvt.make_backbone): a timm name (e.g. vit_base_patch14_dinov2.lvd142m), 'planted', "
+                    "or a composed variant such as srt@2:vit_base_patch14_dinov2.lvd142m")
     ap.add_argument("--random-init", action="store_true", help="random weights (timing runs); default: pretrained")
     ap.add_argument("--checkpoint", default=None, help="local weights file for the timm model")
     ap.add_argument("--layer", type=int, default=-1, help="block whose tokens are denoised (default: last)")

@@ -172,12 +172,35 @@ def test_denoised_backbone_contract_with_planted():
     pb = PlantedBackbone(embed_dim=64, patch_size=8, input_size=64)
     dbb = DenoisedBackbone(pb, Denoiser(64, 8)).eval()
     fct.test_eq((dbb.patch_size, dbb.stride, dbb.embed_dim, dbb.input_size, dbb.num_prefix_tokens, dbb.name),
-                (8, 8, 64, 64, 0, "planted"))
+                (8, 8, 64, 64, 0, "denoised(planted)"))
     with torch.inference_mode():
         fct.test_eq(dbb(torch.rand(2, 3, 64, 96)).shape, (2, 8, 12, 64))
         fct.test_eq(dbb.features(torch.rand(1, 3, 64, 64), layers=[0, -1])[1].shape, (1, 8, 8, 64))
     fct.test_fail(lambda: DenoisedBackbone(pb, Denoiser(128, 8)), contains="128-wide")
-    fct.test_fail(lambda: DenoisedBackbone(nn.Linear(2, 2), Denoiser(64, 8)), contains="backbone contract")
+    fct.test_fail(lambda: DenoisedBackbone(nn.Linear(2, 2), Denoiser(64, 8)), contains="TokenBackbone")
+
+
+def test_denoised_backbone_of_a_minimal_third_party_backbone():
+    "Only patch_size, embed_dim and forward: the wrapper's geometry comes from the contract's defaults."
+    class Minimal(nn.Module):
+        patch_size, embed_dim = 14, 64
+        def forward(self, x):
+            B, _, H, W = x.shape
+            return torch.zeros(B, H // 14, W // 14, 64) + x.mean()
+    dbb = DenoisedBackbone(Minimal(), Denoiser(64, 4))
+    fct.test_eq((dbb.stride, dbb.input_size, dbb.num_prefix_tokens, dbb.name), (14, 518, 0, "denoised(Minimal)"))
+    with torch.inference_mode(): fct.test_eq(dbb(torch.rand(1, 3, 56, 70)).shape, (1, 4, 5, 64))
+    fct.test_eq(dbb.grid_size(56, 70), (4, 5))
+
+
+def test_training_settings_are_checked_by_name_and_type(tmp_path):
+    pairs = toy_pairs(tmp_path / "pairs", n=4)
+    fct.test_fail(lambda: train_denoiser(pairs, tmp_path / "o", "smoke", stpes=3), contains="did you mean 'steps'")
+    fct.test_fail(lambda: train_denoiser(pairs, tmp_path / "o", "smoke", steps=2.5), contains="must be an integer")
+    fct.test_fail(lambda: train_denoiser(pairs, tmp_path / "o", "smoke", save_every=0), contains="save_every=0")
+    fct.test_fail(lambda: train_denoiser(pairs, tmp_path / "o", "fast"), contains="'smoke'")
+    den = train_denoiser(pairs, tmp_path / "o", "smoke", steps=2, batch_size=2, progress=False, curve=None)
+    fct.test_eq(load_denoiser(tmp_path / "o").meta["train"]["steps"], 2); fct.test_eq(den.grid, (6, 6))
 
 
 # ---------------------------------------------------------------- training
@@ -424,3 +447,26 @@ def test_help_says_what_it_does_and_what_a_rerun_does(capsys):
     out = capsys.readouterr().out
     assert out.split("\n\n")[1].startswith("Train DVT's stage-2 denoiser"), out[:300]
     assert "Killed and rerun" in out and "Console entry point" not in out
+
+
+def test_fit_resume_restores_the_random_generator(tmp_path):
+    "A model with dropout: resumed after a Ctrl-C, it ends with the uninterrupted run's weights only because the checkpoint "
+    "carries the loop's RNG state (the dropout masks after the resume are the ones the uninterrupted run drew)."
+    from dvt.train import fit, StepSampler, step_loader
+    g = torch.Generator().manual_seed(0); xs = torch.randn(16, 8, generator=g)
+    class Data(torch.utils.data.Dataset):
+        def __len__(self): return 16
+        def __getitem__(self, key): return xs[key[1]], xs[key[1]].flip(0)
+    cfg = TrainConfig(steps=10, batch_size=4, blr=0.2, save_every=100)
+    sampler = StepSampler(16, 4, 0)
+    batches = lambda start, rank, world: step_loader(Data(), sampler, start, 10, rank, world)
+    loss = lambda net, b: ((net(b[0]) - b[1]) ** 2).mean()
+    def model():
+        with torch.random.fork_rng(): torch.manual_seed(3); return nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.5), nn.Linear(32, 8))
+    ref = model(); fit(ref, loss, batches, cfg, tmp_path / "ref", progress=False, curve=None)
+    def stop(step, l):
+        if step == 5: raise KeyboardInterrupt
+    cut = model()
+    with pytest.raises(KeyboardInterrupt): fit(cut, loss, batches, cfg, tmp_path / "cut", progress=False, curve=None, callback=stop)
+    cut = model(); fit(cut, loss, batches, cfg, tmp_path / "cut", progress=False, curve=None)
+    for k, v in ref.state_dict().items(): assert torch.equal(v, cut.state_dict()[k]), k
