@@ -470,3 +470,11 @@ def test_fit_resume_restores_the_random_generator(tmp_path):
     with pytest.raises(KeyboardInterrupt): fit(cut, loss, batches, cfg, tmp_path / "cut", progress=False, curve=None, callback=stop)
     cut = model(); fit(cut, loss, batches, cfg, tmp_path / "cut", progress=False, curve=None)
     for k, v in ref.state_dict().items(): assert torch.equal(v, cut.state_dict()[k]), k
+
+
+def test_progress_lines_in_a_log(tmp_path, capsys):
+    "Not a terminal (a Slurm log): plain lines, at most every 30 s plus the last one, instead of a tqdm bar."
+    pairs = toy_pairs(tmp_path / "pairs", n=4)
+    train_denoiser(pairs, tmp_path / "o", "smoke", steps=3, batch_size=2, curve=None)
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[stage 2: denoiser] ")]
+    assert lines[0].startswith("[stage 2: denoiser] 1/3 loss=") and lines[-1].startswith("[stage 2: denoiser] 3/3 "), lines
