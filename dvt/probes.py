@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from .core import pick_device
 from .config import make_config, lr_schedule
+from .runs import atomic_write, clean_temporaries, module_fingerprint, read_json, write_json
 from .contract import check_backbone, grid_shape, fit_size, valid_size, dvt_input_size
 from .datasets import load_dataset, SegmentationDataset, NYUDepthV2
 from .metrics import confusion_matrix, seg_scores, depth_metrics, mean_metrics
@@ -294,14 +295,12 @@ def seg_logits(extractor: Extractor, head: LinearSegHead, image: torch.Tensor, p
 _NOT_NUMBERS = ("device", "num_workers", "eval_batch", "extract_batch", "save_every")   # settings that change no metric
 
 def backbone_fingerprint(backbone: Extractor) -> str:
-    "A short sha256 of a module's class, `repr` and every parameter and buffer (a function: its qualified name)."
+    "A short sha256 of a module's class, `repr` and `dvt.runs.module_fingerprint` (a function: its qualified name)."
     h = hashlib.sha256()
     if not isinstance(backbone, nn.Module):
         h.update(f"{getattr(backbone, '__module__', '')}.{getattr(backbone, '__qualname__', type(backbone).__name__)}".encode())
         return h.hexdigest()[:16]
-    h.update(f"{type(backbone).__module__}.{type(backbone).__qualname__}\n{backbone!r}".encode())
-    for k, t in backbone.state_dict().items():
-        h.update(f"{k}{tuple(t.shape)}{t.dtype}".encode()); h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    h.update(f"{type(backbone).__module__}.{type(backbone).__qualname__}\n{backbone!r}\n{module_fingerprint(backbone)}".encode())
     return h.hexdigest()[:16]
 
 def dataset_fingerprint(ds) -> str:
@@ -311,12 +310,7 @@ def dataset_fingerprint(ds) -> str:
         for f in pair: h.update(f"{Path(f).name} {Path(f).stat().st_size if Path(f).exists() else -1}\n".encode())
     return h.hexdigest()[:16]
 
-def probe_fingerprint(kind: str,                    # 'seg' or 'depth'
-                      cfg,                          # the probe's settings
-                      backbone: Extractor,          # hashed unless `backbone_id` names it
-                      *datasets,                    # the datasets the result depends on
-                      backbone_id: str | None = None, # a name for the weights (e.g. a checkpoint's sha256)
-                      grid=None) -> str:            # (patch size, stride)
+def probe_fingerprint(kind: str, cfg, backbone: Extractor, *datasets, backbone_id: str | None = None, grid=None) -> str:
     "The fingerprint of a probe: its kind, the settings that change numbers, the backbone, its grid and the datasets."
     settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_NUMBERS}
     parts = dict(kind=kind, settings=settings, backbone=backbone_id or backbone_fingerprint(backbone), grid=grid,
@@ -325,21 +319,16 @@ def probe_fingerprint(kind: str,                    # 'seg' or 'depth'
 
 # %% ../nbs/03e_probes.ipynb #08375b26
 def save_probe_state(path: str | Path, state: dict) -> Path:
-    "Write a probe's training state atomically (temporary file in the same folder, fsync, rename)."
+    "Write a probe's training state atomically (`dvt.runs.atomic_write`: temporary file, fsync, rename)."
     p = Path(path); p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f: torch.save(state, f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return p
+    return atomic_write(p, lambda f: torch.save(state, f))
 
 def load_probe_state(path: str | Path | None, fingerprint: str) -> dict | None:
     "The saved state at `path` if it exists, loads (weights only) and carries `fingerprint`; else `None` (a stale one is set aside)."
     p = Path(path) if path else None
-    if p is None or not p.exists(): return None
-    for t in p.parent.glob(f".{p.name}.tmp-*"): t.unlink(missing_ok=True)          # a write cut short by a kill
+    if p is None: return None
+    clean_temporaries(p.parent, [p.name])                                   # a write cut short by a kill
+    if not p.exists(): return None
     try: state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
         print(f"probe checkpoint {p} does not load ({type(e).__name__}: {e}); starting over."); return None
@@ -359,15 +348,13 @@ def _probe_files(checkpoint_dir: str | Path | None, stem: str) -> tuple[Path | N
 def save_probe_result(path: Path | None, result: dict):
     "Write a finished probe's metrics (JSON, atomically) next to its checkpoint."
     if path is None: return
-    path.parent.mkdir(parents=True, exist_ok=True); tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f: json.dump(result, f, indent=1); f.flush(); os.fsync(f.fileno())
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True); write_json(path, result)
 
 def load_probe_result(path: Path | None, fingerprint: str) -> dict | None:
     "The stored result at `path` if it parses and carries `fingerprint`; else `None` (to be recomputed)."
     if path is None or not path.exists(): return None
-    try: res = json.loads(path.read_text())
-    except (OSError, ValueError) as e: print(f"probe result {path} does not parse ({e}); recomputing."); return None
+    try: res = read_json(path, "recomputing")
+    except (OSError, ValueError) as e: print(e); return None
     return res if isinstance(res, dict) and res.get("fingerprint") == fingerprint else None
 
 # %% ../nbs/03e_probes.ipynb #24e25b19
