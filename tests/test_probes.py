@@ -164,3 +164,29 @@ def test_broken_files_are_recomputed(root, tmp_path):
     (tmp_path / "seg_voc.pt").write_bytes(b"\x00" * 10); (tmp_path / ".seg_voc.pt.tmp-99").write_bytes(b"x")
     fct.test_eq(load_probe_state(tmp_path / "seg_voc.pt", ref["fingerprint"]), None)
     assert not (tmp_path / ".seg_voc.pt.tmp-99").exists()                 # a temporary left by a kill is removed
+
+
+_KILLED_RUN = r"""
+import os, signal, sys
+from dvt.probes import run_seg_probe
+from dvt.synthetic import PlantedBackbone
+def hook(done):
+    if done == int(sys.argv[3]): os.kill(os.getpid(), signal.SIGKILL)     # a real kill: no cleanup, no exception
+r = run_seg_probe(PlantedBackbone(), sys.argv[1], "voc", "smoke", checkpoint_dir=sys.argv[2], on_step=hook,
+                  iters=6, save_every=2, batch_size=2)
+print("result", repr((r["mIoU"], float(r["head"].conv.weight.double().sum()))))
+"""
+
+
+def test_a_sigkilled_probe_resumes_to_the_same_result(root, tmp_path):
+    import subprocess, sys, os
+    script = tmp_path / "run.py"; script.write_text(_KILLED_RUN)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    run = lambda ck, kill: subprocess.run([sys.executable, str(script), str(root), str(ck), str(kill)], env=env,
+                                          capture_output=True, text=True, timeout=300)
+    killed = run(tmp_path / "ck", 5)
+    assert killed.returncode == -9 and (tmp_path / "ck" / "seg_voc.pt").exists() and not (tmp_path / "ck" / "seg_voc.json").exists()
+    resumed = run(tmp_path / "ck", 0)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    fresh = run_seg_probe(PlantedBackbone(), root, "voc", "smoke", iters=6, save_every=2, batch_size=2)   # uninterrupted
+    fct.test_eq(resumed.stdout.split("result")[-1].strip(), repr((fresh["mIoU"], float(fresh["head"].conv.weight.double().sum()))))
