@@ -174,7 +174,7 @@ def hook(done):
     if done == int(sys.argv[3]): os.kill(os.getpid(), signal.SIGKILL)     # a real kill: no cleanup, no exception
 r = run_seg_probe(PlantedBackbone(), sys.argv[1], "voc", "smoke", checkpoint_dir=sys.argv[2], on_step=hook,
                   iters=6, save_every=2, batch_size=2)
-print("result", repr((r["mIoU"], float(r["head"].conv.weight.double().sum()))))
+print("result", repr((r["mIoU"], float(r["head"].conv.weight.detach().double().sum()))))
 """
 
 
@@ -189,4 +189,4 @@ def test_a_sigkilled_probe_resumes_to_the_same_result(root, tmp_path):
     resumed = run(tmp_path / "ck", 0)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     fresh = run_seg_probe(PlantedBackbone(), root, "voc", "smoke", iters=6, save_every=2, batch_size=2)   # uninterrupted
-    fct.test_eq(resumed.stdout.split("result")[-1].strip(), repr((fresh["mIoU"], float(fresh["head"].conv.weight.double().sum()))))
+    fct.test_eq(resumed.stdout.split("result")[-1].strip(), repr((fresh["mIoU"], float(fresh["head"].conv.weight.detach().double().sum()))))
