@@ -398,8 +398,13 @@ def make_fixture_nyu(root: str | Path, n: int = 4, seed: int = 0, size: tuple[in
     return nyu
 
 # %% ../nbs/03d_datasets.ipynb #b1c7f597
-def make_fixture_davis(root: str | Path, n_seqs: int = 2, n_frames: int = 6, size: tuple[int, int] = (96, 176),
-                       seed: int = 0) -> Path:
+def make_fixture_davis(root: str | Path,                     # the data root to write `DAVIS/` under
+                       n_seqs: int = 2,                      # sequences (all in val, the first also in train)
+                       n_frames: int = 6,                    # frames per sequence (>= 3)
+                       size: tuple[int, int] = (96, 176),    # frame (H, W); DAVIS 480p is (480, 854)
+                       seed: int = 0,                        # everything drawn is seeded from it
+                       objects: tuple[int, int] = (1, 2)     # the range of objects per sequence (ids 1..K)
+                      ) -> Path:
     "Write a small DAVIS-2017 (480p folders) of `n_seqs` sequences of `n_frames` frames of `size` (H, W) under `root`."
     if n_frames < 3: raise ValueError(f"n_frames={n_frames}: DAVIS scores skip the first and last frame; use at least 3.")
     rng = np.random.default_rng(seed); h, w = size; pan = max(1, round(w / 44))        # backdrop shift per frame (px)
@@ -408,7 +413,7 @@ def make_fixture_davis(root: str | Path, n_seqs: int = 2, n_frames: int = 6, siz
         name = f"fixture-{s:02d}"; names.append(name)
         bg = _background(rng, h, w + pan * n_frames)
         objs = []
-        for k in range(int(rng.integers(1, 3))):
+        for k in range(int(rng.integers(objects[0], objects[1] + 1))):
             y0, x0 = rng.uniform(0.3, 0.7) * h, rng.uniform(0.2, 0.4) * w
             v = rng.uniform(-0.03, 0.03) * h, rng.uniform(0.02, 0.06) * w
             objs.append((k + 1, y0, x0, v, rng.uniform(0.15, 0.25) * h, rng.uniform(0.08, 0.14) * w))
@@ -436,7 +441,8 @@ def make_fixtures(root: str | Path,            # the data root to write the four
     make_fixture_voc(root, size=VOC_REAL_SIZES if real_size else (240, 320), seed=seed, **k)
     make_fixture_ade(root, size=ADE_REAL_SIZES if real_size else (120, 160), seed=seed, **k)
     make_fixture_nyu(root, seed=seed, **k)
-    make_fixture_davis(root, n_frames=n_frames or 6, size=(480, 854) if real_size else (96, 176), seed=seed)
+    make_fixture_davis(root, n_frames=n_frames or 6, size=(480, 854) if real_size else (96, 176), seed=seed,
+                       objects=(2, 3) if real_size else (1, 2))
     return root
 
 def make_rehearsal_data(root: str | Path,      # the data root to write under

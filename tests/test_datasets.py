@@ -149,6 +149,7 @@ def test_rehearsal_data_has_the_real_sizes_and_formats(rehearsal):
     seq = load_dataset("davis", rehearsal)[0]
     fct.test_eq(seq.frame(2).shape, (3, 480, 854)); fct.test_eq(seq.mask(2).shape, (480, 854))
     with Image.open(seq.annotations[0]) as im: assert im.mode == "P"
+    assert all(len(s.objects) >= 2 for s in load_dataset("davis", rehearsal))          # multi-object masks
     fct.test_eq([p.name for p in seq.frames], ["00000.jpg", "00001.jpg", "00002.jpg"])
 
 
