@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 from .core import pick_device
-from .stage1 import Stage1Config, stage1_config, _geometry, _prepare, _fit_prepared
+from .stage1 import Stage1Config, stage1_config, stage1_geometry as _geometry, prepare_fit as _prepare, fit_prepared as _fit_prepared
 
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'write_stage1', 'read_stage1', 'list_images', 'image_seed', 'parse_shard', 'backbone_info',

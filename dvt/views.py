@@ -59,14 +59,19 @@ class ViewSet:
     size: tuple[int, int]  # (H, W) input size of the backbone = size of the resized image
     patch_size: int
     stride: int
+    rule: str = "centre"  # coordinate convention: "centre" (patch centres) or "linspace" (the official, corner-aligned)
 
     def __len__(self): return len(self.boxes)
     @property
     def grid(self) -> tuple[int, int]: return tuple(self.coords.shape[1:3])
 
-def view_coords(boxes: torch.Tensor, flips: torch.Tensor, size: tuple[int, int], patch_size: int, stride: int) -> torch.Tensor:
+# %% ../nbs/02a_views.ipynb #5231b07c
+def view_coords(boxes: torch.Tensor, flips: torch.Tensor, size: tuple[int, int], patch_size: int, stride: int,
+                rule: str = "centre") -> torch.Tensor:
     "Image coordinates `(N, h, w, 2)` (x, y) of every token of the views given by `boxes (N, 4)` and `flips (N,)`."
     H, W = size; h, w = grid_shape(size, patch_size, stride)
+    if rule == "linspace": return _linspace_coords(boxes, flips, size, h, w)
+    if rule != "centre": raise ValueError(f"rule={rule!r}; use 'centre' (patch centres) or 'linspace' (the official convention).")
     vy, vx = token_centres(h, patch_size, stride, H), token_centres(w, patch_size, stride, W)    # (h,), (w,)
     b = boxes.double()
     vx = torch.where(flips[:, None], 1 - vx[None], vx[None])                                    # (N, w)
@@ -74,9 +79,20 @@ def view_coords(boxes: torch.Tensor, flips: torch.Tensor, size: tuple[int, int],
     y = (b[:, 0:1] + vy[None] * b[:, 2:3]) / H                                                  # (N, h)
     return torch.stack(torch.broadcast_tensors(x[:, None, :], y[:, :, None]), -1).float()      # (N, h, w, 2)
 
+def _linspace_coords(boxes: torch.Tensor, flips: torch.Tensor, size: tuple[int, int], h: int, w: int) -> torch.Tensor:
+    "The official convention: `linspace` from a crop's first to its last pixel edge, float32; a flip mirrors x in that range."
+    out = []
+    for (t, l, bh, bw), fl in zip(boxes.tolist(), flips.tolist()):
+        x = torch.linspace(l / size[1], (l + bw) / size[1], w); y = torch.linspace(t / size[0], (t + bh) / size[0], h)
+        if fl: x = (x.max() - x) + x.min()
+        out.append(torch.stack(torch.broadcast_tensors(x[None, :], y[:, None]), -1))
+    return torch.stack(out)
+
+# %% ../nbs/02a_views.ipynb #62eedf77
 def make_views(n_views: int, size: int | tuple[int, int], patch_size: int, stride: int | None = None,
                generator: torch.Generator | None = None, scale: tuple[float, float] = (0.1, 0.5),
-               ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5, include_full: bool = True) -> ViewSet:
+               ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5, include_full: bool = True,
+               rule: str = "centre") -> ViewSet:
     "Sample `n_views` random resized crops (plus the full image as view 0) and their token coordinates."
     if n_views < 0 or (n_views == 0 and not include_full):
         raise ValueError(f"n_views={n_views}: stage 1 needs at least one view; use n_views >= 1.")
@@ -87,7 +103,7 @@ def make_views(n_views: int, size: int | tuple[int, int], patch_size: int, strid
     flips = torch.rand(n_views, generator=generator) < flip_p
     if include_full:
         boxes = torch.cat([torch.tensor([[0, 0, size[0], size[1]]]), boxes]); flips = torch.cat([torch.tensor([False]), flips])
-    return ViewSet(boxes, flips, view_coords(boxes, flips, size, patch_size, stride), size, patch_size, stride)
+    return ViewSet(boxes, flips, view_coords(boxes, flips, size, patch_size, stride, rule), size, patch_size, stride, rule)
 
 # %% ../nbs/02a_views.ipynb #3fbb4a9f
 def render_views(image: torch.Tensor, views: ViewSet, idx: torch.Tensor | list[int] | range | None = None) -> torch.Tensor:
