@@ -18,9 +18,9 @@ from .views import ViewSet, make_views, render_views, grid_shape
 from .fields import NoiseModel, NoiseModelStack
 
 # %% auto #0
-__all__ = ['PRESETS', 'Stage1Config', 'stage1_config', 'field_resolutions', 'lr_at', 'lr_table', 'phase2_start', 'extract_views',
-           'Stage1Result', 'fit_stack', 'GroupAdam', 'step_loss', 'token_lanes', 'draw_tokens', 'denoise_image',
-           'stage1_geometry', 'prepare_image', 'PreparedImage', 'prepare_fit', 'fit_prepared', 'denoise_images',
+__all__ = ['PRESETS', 'Stage1Config', 'stage1_config', 'field_resolutions', 'denoise_image', 'stage1_geometry', 'prepare_image',
+           'PreparedImage', 'prepare_fit', 'fit_prepared', 'lr_at', 'lr_table', 'phase2_start', 'extract_views',
+           'Stage1Result', 'fit_stack', 'GroupAdam', 'step_loss', 'token_lanes', 'draw_tokens', 'denoise_images',
            'recovery_metrics', 'recovery_sweep', 'view_maps', 'stage1_panel']
 
 # %% ../nbs/02c_stage1.ipynb #bcafcc2d
@@ -116,6 +116,109 @@ def _validate(cfg: Stage1Config) -> Stage1Config:
     for k, opts in _CHOICES.items():
         if getattr(cfg, k) not in opts: raise ValueError(f"{k}={getattr(cfg, k)!r}; use one of {', '.join(map(repr, opts))}.")
     return cfg
+
+# %% ../nbs/02c_stage1.ipynb #16accfec
+def denoise_image(backbone: nn.Module,                               # (B, 3, H, W) in [0, 1] -> (B, h, w, C), with patch_size, embed_dim
+                  image,                                             # one image: (3, H, W) / (1, 3, H, W) tensor in [0, 1], PIL image or path
+                  size: int | tuple[int, int] | None = None,         # backbone input size (None: the backbone's input_size)
+                  preset: str | Stage1Config = "default",            # "paper", "default", "smoke" or a Stage1Config
+                  **config) -> Stage1Result:                         # overrides of Stage1Config fields
+    "Split one image's tokens into clean (F), artifact (G) and residual (h) by fitting DVT's noise model to random views."
+    cfg = stage1_config(preset, **config)
+    if size is not None: cfg = _validate(replace(cfg, size=size))
+    stage1_geometry(backbone, cfg)                                    # fail before any work
+    dev = pick_device(cfg.device)
+    backbone = backbone.to(dev).eval()
+    return fit_prepared([prepare_fit(backbone, image, cfg, dev)], dev)[0]
+
+# %% ../nbs/02c_stage1.ipynb #af30323d
+def stage1_geometry(backbone: nn.Module, cfg: Stage1Config) -> tuple[tuple[int, int], int, int, tuple[int, int]]:
+    "Input size `(H, W)`, patch, stride and token grid `(h, w)` of stage 1 for `backbone` under `cfg`."
+    _check_backbone(backbone)
+    p, s = int(backbone.patch_size), int(getattr(backbone, "stride", None) or backbone.patch_size)
+    sz = cfg.size or getattr(backbone, "input_size", None)
+    if sz is None: raise ValueError("the backbone has no input_size; pass size=(H, W).")
+    sz = (sz, sz) if isinstance(sz, int) else tuple(sz)
+    grid = grid_shape(sz, p, s)
+    if min(grid) < 2: raise ValueError(f"size {sz} gives a {grid[0]}x{grid[1]} token grid; stage 1 needs at least 2x2 tokens, use a larger size.")
+    return sz, p, s, grid
+
+def prepare_image(image, size: tuple[int, int], grid: tuple[int, int], resize: str = "bicubic") -> torch.Tensor:
+    "One image (tensor, PIL image or path) as `(3, H, W)` resized to `size`: float bicubic, or 8-bit PIL bilinear (official)."
+    if isinstance(image, torch.Tensor):
+        if image.numel() == 0: raise ValueError(f"image is empty, shape {tuple(image.shape)}; pass a (3, H, W) image with H, W >= 1.")
+        if image.ndim == 4 and image.shape[0] != 1:
+            raise ValueError(f"denoise_image takes one image; got a batch {tuple(image.shape)}. Use denoise_images(backbone, images) "
+                             "for several images (or pass image[i]).")
+        x = check_images(image, name="image")[0]
+    else: x = load_image(image)
+    if x.shape[-2] < grid[0] or x.shape[-1] < grid[1]:
+        raise ValueError(f"image is {x.shape[-2]}x{x.shape[-1]} px, smaller than the {grid[0]}x{grid[1]} token grid it would be "
+                         f"resized onto ({size[0]}x{size[1]}); use a larger image or a smaller size.")
+    if resize == "bicubic": return resize_images(x.float(), size)
+    u8 = Image.fromarray((x.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())       # the official reads 8-bit files
+    return torch.from_numpy(np.asarray(u8.resize((size[1], size[0]), Image.BILINEAR)).copy()).permute(2, 0, 1).float() / 255
+
+# %% ../nbs/02c_stage1.ipynb #b507823a
+def _sync(dev: torch.device):
+    if dev.type == "cuda": torch.cuda.synchronize(dev)
+
+def _extract_dtype(cfg: Stage1Config, dev: torch.device) -> torch.dtype:
+    if cfg.extract_dtype == "auto": return torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return getattr(torch, cfg.extract_dtype)
+
+@dataclass
+class PreparedImage:
+    "One image ready to fit: resized pixels `(3, H, W)`, views, token pool `(N, h, w, C)`, full-image tokens `(h, w, C)`, fresh model."
+    image: torch.Tensor; views: ViewSet; pool: torch.Tensor; raw: torch.Tensor; model: NoiseModel; cfg: Stage1Config; extract_s: float
+
+def prepare_fit(backbone: nn.Module, image, cfg: Stage1Config, device: torch.device | str) -> PreparedImage:
+    "Views, their tokens and the initial noise model of one image (everything seeded by `cfg.seed`); `backbone` already on `device`."
+    t0, dev = time.perf_counter(), torch.device(device)
+    sz, p, s, grid = stage1_geometry(backbone, cfg)
+    img = prepare_image(image, sz, grid, cfg.resize)                                       # (3, H, W) on CPU
+    gen = torch.Generator().manual_seed(cfg.seed)
+    views = make_views(cfg.n_views, sz, p, s, generator=gen, scale=cfg.scale, ratio=cfg.ratio, flip_p=cfg.flip_p, rule=cfg.coords)
+    img_d = img.to(dev)
+    pool = extract_views(backbone, img_d, views, cfg.extract_batch, _extract_dtype(cfg, dev))  # (N, h, w, C)
+    with torch.inference_mode(): raw = backbone(img_d[None])[0].float()                  # view 0 again, in float32
+    raw = raw.clone()                                                                      # a normal tensor again
+    if not torch.isfinite(raw).all(): raise _nonfinite_error("the full image")
+    pool[0] = raw
+    base, top = field_resolutions(cfg, grid)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = NoiseModel(pool.shape[-1], grid, cfg.n_levels, cfg.n_features, base, top, cfg.field_init,
+                           0.0 if cfg.disable_pe else cfg.artifact_init, cfg.grid_kind, cfg.g_read).to(dev)
+    _sync(dev)
+    return PreparedImage(img, views, pool, raw, model, cfg, time.perf_counter() - t0)
+
+# %% ../nbs/02c_stage1.ipynb #08ca0612
+def fit_prepared(items: list[PreparedImage], device: torch.device | str) -> list[Stage1Result]:
+    "Fit the noise models of `items` (one config but their seeds) together, and read out each image's result."
+    t0, dev, cfg, K = time.perf_counter(), torch.device(device), items[0].cfg, len(items)
+    C, (h, w) = items[0].pool.shape[-1], items[0].views.grid
+    stack = NoiseModelStack([it.model for it in items])
+    y = torch.empty(K, items[0].pool[..., 0].numel(), C, device=dev)                        # (K, M, C) the pools, stacked
+    for k, it in enumerate(items): y[k] = it.pool.view(-1, C); it.pool = None                # one pool's copy at a time
+    coords = torch.stack([it.views.coords.to(dev).view(-1, 2) for it in items])              # (K, M, 2)
+    try: losses = fit_stack(stack, y, coords, h * w, cfg, [it.cfg.seed + 1 for it in items])
+    except torch.cuda.OutOfMemoryError as e:
+        raise torch.cuda.OutOfMemoryError(f"fitting {K} images at once ran out of device memory ({e}); use a smaller "
+                                          "batch_images (dvt_denoise --batch-images) or fewer views.") from e
+    del y
+    models = stack.unstack(); del stack
+    out, cpu = [], lambda t: t.detach().float().cpu()
+    with torch.no_grad():
+        for it, model, ls in zip(items, models, losses):
+            clean = model.F(it.views.coords[0].to(dev))                                      # (h, w, C)
+            residual = model.h(it.raw) if _h_used(cfg) else torch.zeros_like(it.raw)
+            out.append([it, cpu(clean), cpu(model.G.table), cpu(residual), cpu(ls), model])
+    _sync(dev); fit_s = (time.perf_counter() - t0) / K                                       # the group's fit time, shared
+    return [Stage1Result(cpu(it.raw), clean, artifact, residual, ls, it.cfg,
+                         dict(extract=it.extract_s, fit=fit_s, total=it.extract_s + fit_s, images_per_fit=K),
+                         model.cpu().requires_grad_(False), it.image, it.views)
+            for it, clean, artifact, residual, ls, model in out]
 
 # %% ../nbs/02c_stage1.ipynb #b67568c8
 def lr_at(step: int, cfg: Stage1Config) -> float:
@@ -327,109 +430,6 @@ class _StepRunner:
             return step_loss(stack, pool, step, hw, phase2, self.cfg)
         self.tried = phase2                                             # each phase's first call compiles
         return out
-
-# %% ../nbs/02c_stage1.ipynb #16accfec
-def denoise_image(backbone: nn.Module,                               # (B, 3, H, W) in [0, 1] -> (B, h, w, C), with patch_size, embed_dim
-                  image,                                             # one image: (3, H, W) / (1, 3, H, W) tensor in [0, 1], PIL image or path
-                  size: int | tuple[int, int] | None = None,         # backbone input size (None: the backbone's input_size)
-                  preset: str | Stage1Config = "default",            # "paper", "default", "smoke" or a Stage1Config
-                  **config) -> Stage1Result:                         # overrides of Stage1Config fields
-    "Split one image's tokens into clean (F), artifact (G) and residual (h) by fitting DVT's noise model to random views."
-    cfg = stage1_config(preset, **config)
-    if size is not None: cfg = _validate(replace(cfg, size=size))
-    stage1_geometry(backbone, cfg)                                    # fail before any work
-    dev = pick_device(cfg.device)
-    backbone = backbone.to(dev).eval()
-    return fit_prepared([prepare_fit(backbone, image, cfg, dev)], dev)[0]
-
-# %% ../nbs/02c_stage1.ipynb #af30323d
-def stage1_geometry(backbone: nn.Module, cfg: Stage1Config) -> tuple[tuple[int, int], int, int, tuple[int, int]]:
-    "Input size `(H, W)`, patch, stride and token grid `(h, w)` of stage 1 for `backbone` under `cfg`."
-    _check_backbone(backbone)
-    p, s = int(backbone.patch_size), int(getattr(backbone, "stride", None) or backbone.patch_size)
-    sz = cfg.size or getattr(backbone, "input_size", None)
-    if sz is None: raise ValueError("the backbone has no input_size; pass size=(H, W).")
-    sz = (sz, sz) if isinstance(sz, int) else tuple(sz)
-    grid = grid_shape(sz, p, s)
-    if min(grid) < 2: raise ValueError(f"size {sz} gives a {grid[0]}x{grid[1]} token grid; stage 1 needs at least 2x2 tokens, use a larger size.")
-    return sz, p, s, grid
-
-def prepare_image(image, size: tuple[int, int], grid: tuple[int, int], resize: str = "bicubic") -> torch.Tensor:
-    "One image (tensor, PIL image or path) as `(3, H, W)` resized to `size`: float bicubic, or 8-bit PIL bilinear (official)."
-    if isinstance(image, torch.Tensor):
-        if image.ndim == 4 and image.shape[0] != 1:
-            raise ValueError(f"denoise_image takes one image; got a batch {tuple(image.shape)}. Use denoise_images(backbone, images) "
-                             "for several images (or pass image[i]).")
-        if image.numel() == 0: raise ValueError(f"image is empty, shape {tuple(image.shape)}; pass a (3, H, W) image with H, W >= 1.")
-        x = check_images(image, name="image")[0]
-    else: x = load_image(image)
-    if x.shape[-2] < grid[0] or x.shape[-1] < grid[1]:
-        raise ValueError(f"image is {x.shape[-2]}x{x.shape[-1]} px, smaller than the {grid[0]}x{grid[1]} token grid it would be "
-                         f"resized onto ({size[0]}x{size[1]}); use a larger image or a smaller size.")
-    if resize == "bicubic": return resize_images(x.float(), size)
-    u8 = Image.fromarray((x.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())       # the official reads 8-bit files
-    return torch.from_numpy(np.asarray(u8.resize((size[1], size[0]), Image.BILINEAR)).copy()).permute(2, 0, 1).float() / 255
-
-# %% ../nbs/02c_stage1.ipynb #b507823a
-def _sync(dev: torch.device):
-    if dev.type == "cuda": torch.cuda.synchronize(dev)
-
-def _extract_dtype(cfg: Stage1Config, dev: torch.device) -> torch.dtype:
-    if cfg.extract_dtype == "auto": return torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return getattr(torch, cfg.extract_dtype)
-
-@dataclass
-class PreparedImage:
-    "One image ready to fit: resized pixels `(3, H, W)`, views, token pool `(N, h, w, C)`, full-image tokens `(h, w, C)`, fresh model."
-    image: torch.Tensor; views: ViewSet; pool: torch.Tensor; raw: torch.Tensor; model: NoiseModel; cfg: Stage1Config; extract_s: float
-
-def prepare_fit(backbone: nn.Module, image, cfg: Stage1Config, device: torch.device | str) -> PreparedImage:
-    "Views, their tokens and the initial noise model of one image (everything seeded by `cfg.seed`); `backbone` already on `device`."
-    t0, dev = time.perf_counter(), torch.device(device)
-    sz, p, s, grid = stage1_geometry(backbone, cfg)
-    img = prepare_image(image, sz, grid, cfg.resize)                                       # (3, H, W) on CPU
-    gen = torch.Generator().manual_seed(cfg.seed)
-    views = make_views(cfg.n_views, sz, p, s, generator=gen, scale=cfg.scale, ratio=cfg.ratio, flip_p=cfg.flip_p, rule=cfg.coords)
-    img_d = img.to(dev)
-    pool = extract_views(backbone, img_d, views, cfg.extract_batch, _extract_dtype(cfg, dev))  # (N, h, w, C)
-    with torch.inference_mode(): raw = backbone(img_d[None])[0].float()                  # view 0 again, in float32
-    raw = raw.clone()                                                                      # a normal tensor again
-    if not torch.isfinite(raw).all(): raise _nonfinite_error("the full image")
-    pool[0] = raw
-    base, top = field_resolutions(cfg, grid)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = NoiseModel(pool.shape[-1], grid, cfg.n_levels, cfg.n_features, base, top, cfg.field_init,
-                           0.0 if cfg.disable_pe else cfg.artifact_init, cfg.grid_kind, cfg.g_read).to(dev)
-    _sync(dev)
-    return PreparedImage(img, views, pool, raw, model, cfg, time.perf_counter() - t0)
-
-# %% ../nbs/02c_stage1.ipynb #08ca0612
-def fit_prepared(items: list[PreparedImage], device: torch.device | str) -> list[Stage1Result]:
-    "Fit the noise models of `items` (one config but their seeds) together, and read out each image's result."
-    t0, dev, cfg, K = time.perf_counter(), torch.device(device), items[0].cfg, len(items)
-    C, (h, w) = items[0].pool.shape[-1], items[0].views.grid
-    stack = NoiseModelStack([it.model for it in items])
-    y = torch.empty(K, items[0].pool[..., 0].numel(), C, device=dev)                        # (K, M, C) the pools, stacked
-    for k, it in enumerate(items): y[k] = it.pool.view(-1, C); it.pool = None                # one pool's copy at a time
-    coords = torch.stack([it.views.coords.to(dev).view(-1, 2) for it in items])              # (K, M, 2)
-    try: losses = fit_stack(stack, y, coords, h * w, cfg, [it.cfg.seed + 1 for it in items])
-    except torch.cuda.OutOfMemoryError as e:
-        raise torch.cuda.OutOfMemoryError(f"fitting {K} images at once ran out of device memory ({e}); use a smaller "
-                                          "batch_images (dvt_denoise --batch-images) or fewer views.") from e
-    del y
-    models = stack.unstack(); del stack
-    out, cpu = [], lambda t: t.detach().float().cpu()
-    with torch.no_grad():
-        for it, model, ls in zip(items, models, losses):
-            clean = model.F(it.views.coords[0].to(dev))                                      # (h, w, C)
-            residual = model.h(it.raw) if _h_used(cfg) else torch.zeros_like(it.raw)
-            out.append([it, cpu(clean), cpu(model.G.table), cpu(residual), cpu(ls), model])
-    _sync(dev); fit_s = (time.perf_counter() - t0) / K                                       # the group's fit time, shared
-    return [Stage1Result(cpu(it.raw), clean, artifact, residual, ls, it.cfg,
-                         dict(extract=it.extract_s, fit=fit_s, total=it.extract_s + fit_s, images_per_fit=K),
-                         model.cpu().requires_grad_(False), it.image, it.views)
-            for it, clean, artifact, residual, ls, model in out]
 
 # %% ../nbs/02c_stage1.ipynb #9354589a
 def denoise_images(backbone: nn.Module, images, size: int | tuple[int, int] | None = None, preset: str | Stage1Config = "default",
