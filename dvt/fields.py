@@ -24,7 +24,9 @@ def level_resolutions(n_levels: int, base_res: int, max_res: int) -> list[int]:
     b = math.exp((math.log(max_res) - math.log(base_res)) / (n_levels - 1))
     return [math.ceil(base_res * b**l - 1 - 1e-6) + 1 for l in range(n_levels)]
 
-def tcnn_levels(n_levels: int, base_res: int, max_res: int, log2_hashmap_size: int = 20) -> list[tuple[float, int, int]]:
+def tcnn_levels(n_levels: int,                     # number of levels
+                base_res: int, max_res: int,        # tcnn's base_resolution, and the top one that sets per_level_scale
+                log2_hashmap_size: int = 20) -> list[tuple[float, int, int]]:   # at most 2^this rows per level
     "`(scale, vertices per side, table rows)` of each level of tiny-cuda-nn's 2-D grid, in its float32 arithmetic."
     level_resolutions(n_levels, base_res, max_res)                                    # same argument checks
     s = np.float32(np.exp((np.log(max_res) - np.log(base_res)) / max(n_levels - 1, 1)))   # per_level_scale, a C float
@@ -39,7 +41,10 @@ def tcnn_levels(n_levels: int, base_res: int, max_res: int, log2_hashmap_size: i
 # %% ../nbs/02b_fields.ipynb #1a088ac4
 class GridLayout(nn.Module):
     "Where each level of a multi-resolution grid lives in its flat table, and which 4 rows a coordinate reads (no parameters)."
-    def __init__(self, n_levels: int, base_res: int, max_res: int, kind: str = "dense", log2_hashmap_size: int = 20):
+    def __init__(self, n_levels: int,                 # number of levels
+                 base_res: int, max_res: int,         # vertices per side of the coarsest and the finest level
+                 kind: str = "dense",                 # "dense" or "tcnn" (tiny-cuda-nn's resolutions, lookup and hash)
+                 log2_hashmap_size: int = 20):        # tcnn: at most 2^this rows per level
         super().__init__()
         if kind == "dense":
             res = level_resolutions(n_levels, base_res, max_res); scale, rows = [r - 1 for r in res], [r * r for r in res]
@@ -77,7 +82,10 @@ def corners(lay: GridLayout, coords: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 # %% ../nbs/02b_fields.ipynb #84527560
-def grid_features(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, k0: torch.Tensor | None = None) -> torch.Tensor:
+def grid_features(table: torch.Tensor,              # (K, P, F) stacked flat tables
+                  rows: torch.Tensor,               # (K, N, L, 4) rows of each image's table (from `GridLayout.corners`)
+                  weights: torch.Tensor,            # (K, N, L, 4) bilinear weights
+                  k0: torch.Tensor | None = None) -> torch.Tensor:   # (K, 1, 1, 1) first row of image k in the (K*P, F) table
     "Bilinear features `(K, N, L*F)` from stacked flat tables `(K, P, F)`, rows `(K, N, L, 4)` and weights `(K, N, L, 4)`."
     K, P, nf = table.shape
     if K > 1: rows = rows + (torch.arange(K, device=rows.device).view(K, 1, 1, 1) * P if k0 is None else k0)   # image k's rows
@@ -86,8 +94,13 @@ def grid_features(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor
 
 class MultiResGrid(nn.Module):
     "Multi-resolution 2-D feature grid in one flat table `(P, F)`: coordinates `(N, 2)` (x, y) in [0, 1] -> `(N, L*F)`."
-    def __init__(self, n_levels: int = 16, n_features: int = 8, base_res: int = 16, max_res: int = 1024, init_scale: float = 1e-4,
-                 kind: str = "dense", log2_hashmap_size: int = 20):
+    def __init__(self, n_levels: int = 16,           # number of levels
+                 n_features: int = 8,                 # features per vertex
+                 base_res: int = 16,                  # vertices per side of the coarsest level ...
+                 max_res: int = 1024,                 # ... and of the finest
+                 init_scale: float = 1e-4,            # vertices start at U(+-init_scale)
+                 kind: str = "dense",                 # "dense" or "tcnn" (see `GridLayout`)
+                 log2_hashmap_size: int = 20):        # tcnn: at most 2^this rows per level
         super().__init__()
         self.layout = GridLayout(n_levels, base_res, max_res, kind, log2_hashmap_size)
         self.resolutions, self.n_features, self.out_dim = self.layout.resolutions, n_features, n_levels * n_features
@@ -110,8 +123,11 @@ class MultiResGrid(nn.Module):
 # %% ../nbs/02b_fields.ipynb #29c71ee3
 class SemanticField(nn.Module):
     "F: image coordinates `(N, 2)` in [0, 1] -> features `(N, C)`; a `MultiResGrid` + MLP `L*F -> C/2 -> C`."
-    def __init__(self, dim: int, n_levels: int = 16, n_features: int = 8, base_res: int = 16, max_res: int = 1024,
-                 init_scale: float = 1e-4, hidden: int | None = None, kind: str = "dense"):
+    def __init__(self, dim: int,                     # output width C
+                 n_levels: int = 16, n_features: int = 8, base_res: int = 16, max_res: int = 1024,   # the grid (see `MultiResGrid`)
+                 init_scale: float = 1e-4,            # grid init U(+-init_scale)
+                 hidden: int | None = None,           # MLP hidden width (None: C / 2)
+                 kind: str = "dense"):                # grid layout: "dense" or "tcnn"
         super().__init__()
         self.grid = MultiResGrid(n_levels, n_features, base_res, max_res, init_scale, kind)
         hidden = hidden or max(dim // 2, 1)
@@ -135,7 +151,10 @@ def grid_sample_taps(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 class ArtifactField(nn.Module):
     "G: a learnable `(h, w, C)` table over view-grid positions; flat positions `(N,)` -> `(N, C)`."
-    def __init__(self, h: int, w: int, dim: int, init_std: float = 0.02, read: str = "index"):
+    def __init__(self, h: int, w: int,               # the view's token grid
+                 dim: int,                            # token width C
+                 init_std: float = 0.02,              # init N(0, init_std^2)
+                 read: str = "index"):                # "index" (exact) or "grid_sample" (the official read)
         super().__init__()
         if read not in ("index", "grid_sample"): raise ValueError(f"read={read!r}; use 'index' or 'grid_sample' (the official read).")
         self.read, self.table = read, nn.Parameter(torch.randn(h, w, dim) * init_std)

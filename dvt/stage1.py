@@ -143,7 +143,10 @@ def stage1_geometry(backbone: nn.Module, cfg: Stage1Config) -> tuple[tuple[int, 
     if min(grid) < 2: raise ValueError(f"size {sz} gives a {grid[0]}x{grid[1]} token grid; stage 1 needs at least 2x2 tokens, use a larger size.")
     return sz, p, s, grid
 
-def prepare_image(image, size: tuple[int, int], grid: tuple[int, int], resize: str = "bicubic") -> torch.Tensor:
+def prepare_image(image,                             # (3, H, W) / (1, 3, H, W) tensor in [0, 1], PIL image or path
+                  size: tuple[int, int],             # (H, W) to resize to
+                  grid: tuple[int, int],             # the token grid (h, w): smaller images are refused
+                  resize: str = "bicubic") -> torch.Tensor:   # "bicubic" (float, antialiased) or "pil_bilinear" (8-bit, official)
     "One image (tensor, PIL image or path) as `(3, H, W)` resized to `size`: float bicubic, or 8-bit PIL bilinear (official)."
     if isinstance(image, torch.Tensor):
         if image.numel() == 0: raise ValueError(f"image is empty, shape {tuple(image.shape)}; pass a (3, H, W) image with H, W >= 1.")
@@ -249,8 +252,11 @@ def _nonfinite_error(what: str):
     return ValueError(f"the backbone returned NaN/Inf tokens for {what}; check its weights (e.g. a bad checkpoint) and dtype "
                       "(try extract_dtype='float32').")
 
-def extract_views(backbone: nn.Module, image: torch.Tensor, views: ViewSet, batch: int = 32,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
+def extract_views(backbone: nn.Module,              # (B, 3, H, W) -> (B, h, w, C)
+                  image: torch.Tensor,              # (3, H, W) the resized image, on the backbone's device
+                  views: ViewSet,                   # the views to render and extract
+                  batch: int = 32,                  # views per backbone call
+                  dtype: torch.dtype | None = None) -> torch.Tensor:   # autocast dtype (None / float32: none)
     "Tokens `(N, h, w, C)` (float32, on `image`'s device) of every view of `image (3, H, W)`, under `inference_mode`."
     N, (h, w) = len(views), views.grid
     out = torch.empty(N, h, w, backbone.embed_dim, device=image.device)
@@ -432,8 +438,14 @@ class _StepRunner:
         return out
 
 # %% ../nbs/02c_stage1.ipynb #9354589a
-def denoise_images(backbone: nn.Module, images, size: int | tuple[int, int] | None = None, preset: str | Stage1Config = "default",
-                   seeds: list[int] | None = None, batch_images: int = 8, progress: bool = True, **config) -> list[Stage1Result]:
+def denoise_images(backbone: nn.Module,                        # as for denoise_image
+                   images,                                     # an iterable of images (tensors, PIL images or paths; a (B, 3, H, W) tensor)
+                   size: int | tuple[int, int] | None = None,  # backbone input size (None: the backbone's input_size)
+                   preset: str | Stage1Config = "default",     # "paper", "default", "smoke" or a Stage1Config
+                   seeds: list[int] | None = None,             # one seed per image (None: the config's seed for all)
+                   batch_images: int = 8,                      # images fitted together in one loop
+                   progress: bool = True,                      # show a progress bar
+                   **config) -> list[Stage1Result]:            # overrides of Stage1Config fields
     "`denoise_image` on each of `images` (with `seeds[i]`, default the config's seed), fitting `batch_images` at a time."
     cfg = stage1_config(preset, **config)
     if size is not None: cfg = _validate(replace(cfg, size=size))

@@ -13,9 +13,12 @@ from .data import resize_images
 __all__ = ['sample_crops', 'token_centres', 'grid_shape', 'ViewSet', 'view_coords', 'make_views', 'render_views']
 
 # %% ../nbs/02a_views.ipynb #8a4be6bd
-def sample_crops(n: int, H: int, W: int, scale: tuple[float, float] = (0.1, 0.5),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), generator: torch.Generator | None = None,
-                 tries: int = 10) -> torch.Tensor:
+def sample_crops(n: int,                                       # number of boxes
+                 H: int, W: int,                               # image height and width in pixels
+                 scale: tuple[float, float] = (0.1, 0.5),      # range of the box area as a fraction of the image
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3),  # range of the aspect ratio width / height (log-uniform)
+                 generator: torch.Generator | None = None,     # a local generator (the global one is never touched if given)
+                 tries: int = 10) -> torch.Tensor:             # draws per box before falling back to the full image
     "`n` random resized-crop boxes `(n, 4)` = (top, left, height, width) in pixels of an `H x W` image."
     if n < 0: raise ValueError(f"n={n} crops asked for; use n >= 0.")
     if not 0 < scale[0] <= scale[1] <= 1: raise ValueError(f"scale={scale} must satisfy 0 < lo <= hi <= 1 (area fractions).")
@@ -66,8 +69,11 @@ class ViewSet:
     def grid(self) -> tuple[int, int]: return tuple(self.coords.shape[1:3])
 
 # %% ../nbs/02a_views.ipynb #5231b07c
-def view_coords(boxes: torch.Tensor, flips: torch.Tensor, size: tuple[int, int], patch_size: int, stride: int,
-                rule: str = "centre") -> torch.Tensor:
+def view_coords(boxes: torch.Tensor,          # (N, 4) crop boxes: top, left, height, width
+                flips: torch.Tensor,          # (N,) bool: view mirrored left-right
+                size: tuple[int, int],        # (H, W) of the resized image = the backbone's input
+                patch_size: int, stride: int, # the backbone's token geometry
+                rule: str = "centre") -> torch.Tensor:  # "centre" (patch centres) or "linspace" (the official convention)
     "Image coordinates `(N, h, w, 2)` (x, y) of every token of the views given by `boxes (N, 4)` and `flips (N,)`."
     H, W = size; h, w = grid_shape(size, patch_size, stride)
     if rule == "linspace": return _linspace_coords(boxes, flips, size, h, w)
@@ -89,10 +95,16 @@ def _linspace_coords(boxes: torch.Tensor, flips: torch.Tensor, size: tuple[int, 
     return torch.stack(out)
 
 # %% ../nbs/02a_views.ipynb #62eedf77
-def make_views(n_views: int, size: int | tuple[int, int], patch_size: int, stride: int | None = None,
-               generator: torch.Generator | None = None, scale: tuple[float, float] = (0.1, 0.5),
-               ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5, include_full: bool = True,
-               rule: str = "centre") -> ViewSet:
+def make_views(n_views: int,                                  # random views (the full image is added as view 0)
+               size: int | tuple[int, int],                  # the backbone's input size (int: square)
+               patch_size: int,
+               stride: int | None = None,                    # None: patch_size
+               generator: torch.Generator | None = None,     # a local generator for the boxes and flips
+               scale: tuple[float, float] = (0.1, 0.5),      # box area range, as a fraction of the image
+               ratio: tuple[float, float] = (3 / 4, 4 / 3),  # box aspect-ratio range
+               flip_p: float = 0.5,                          # probability of a left-right flip
+               include_full: bool = True,                    # add the full image as view 0
+               rule: str = "centre") -> ViewSet:             # token coordinates: "centre" or "linspace" (official)
     "Sample `n_views` random resized crops (plus the full image as view 0) and their token coordinates."
     if n_views < 0 or (n_views == 0 and not include_full):
         raise ValueError(f"n_views={n_views}: stage 1 needs at least one view; use n_views >= 1.")

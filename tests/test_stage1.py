@@ -248,3 +248,16 @@ def test_official_options():
     assert (c16.clean - c32.clean).norm() < 0.2 * c32.clean.norm()                          # bf16 autocast: close, not equal
     p = denoise_image(pb, img, size=64, preset="paper", n_views=3, steps=8, n_levels=4, max_res=64)   # the paper path end to end
     assert torch.isfinite(p.clean).all() and p.views.rule == "linspace" and p.model.F.grid.layout.kind == "tcnn"
+
+
+def test_ops_per_step_budget():
+    "Issue 17's measure (profiler aten:: events per fit step, nested ones included) at tiny sizes: the count does not depend on sizes."
+    from torch.profiler import profile, ProfilerActivity
+    def events(steps):
+        cfg = stage1_config("paper", steps=steps, tokens_per_step=64, compile="off")
+        st = NoiseModelStack([_tiny("tcnn", "grid_sample", dim=32)])
+        y, c = torch.randn(1, 48, 32), torch.rand(1, 48, 2)
+        with profile(activities=[ProfilerActivity.CPU]) as p: fit_stack(st, y, c, 16, cfg, [1])
+        return sum(1 for e in p.events() if e.name.startswith("aten::"))
+    per_step = (events(40) - events(20)) / 20
+    assert per_step <= 460, per_step                                                      # 1,333 before the rewrite
