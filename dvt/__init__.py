@@ -10,6 +10,10 @@ __all__ = []
 import importlib
 
 _API = {
+    "TokenBackbone": "contract", "BackboneSpec": "contract", "check_backbone": "contract", "grid_shape": "contract",
+    "BackboneWrapper": "contract", "make_backbone": "contract", "register_variant": "contract",
+    "make_config": "config", "lr_schedule": "config",
+    "diagnose": "diagnostics", "fit_position_remover": "diagnostics", "PositionRemover": "diagnostics",
     "Backbone": "backbones", "SEED_MODELS": "backbones", "save_backbone": "backbones",
     "load_image": "data", "sample_image": "data", "sample_images": "data",
     "PlantedBackbone": "synthetic",
@@ -22,6 +26,7 @@ _API = {
     "make_fixtures": "datasets", "load_dataset": "datasets",
     "run_seg_probe": "probes", "run_depth_probe": "probes",
     "run_lost": "discovery", "run_davis": "discovery",
+    "run_hummingbird": "retrieval", "run_overclustering": "retrieval",
 }
 
 def __getattr__(name: str):
