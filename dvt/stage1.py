@@ -4,7 +4,7 @@
 
 # %% ../nbs/02c_stage1.ipynb #dc74bb45
 from __future__ import annotations
-import difflib, math, time, warnings
+import math, time, warnings
 from tqdm.auto import tqdm
 from dataclasses import dataclass, fields, replace
 import numpy as np
@@ -14,7 +14,10 @@ import torch.nn.functional as F
 from PIL import Image
 from .core import pick_device
 from .data import load_image, check_images, resize_images
-from .views import ViewSet, make_views, render_views, grid_shape
+from .views import ViewSet, make_views, render_views
+from .contract import check_backbone, grid_shape
+from .config import make_config, suggest, lr_schedule
+from fastcore.basics import patch
 from .fields import NoiseModel, NoiseModelStack
 
 # %% auto #0
@@ -74,16 +77,9 @@ PRESETS = {
 
 def stage1_config(preset: str | Stage1Config = "default", **overrides) -> Stage1Config:
     "The `Stage1Config` of `preset` (a name in `PRESETS` or a config) with `overrides` applied; unknown names raise."
-    if isinstance(preset, Stage1Config): cfg = preset
-    elif isinstance(preset, str) and preset in PRESETS: cfg = PRESETS[preset]
-    else: raise ValueError(f"unknown preset {preset!r}; use one of {sorted(PRESETS)} or pass a Stage1Config.")
-    names = {f.name for f in fields(Stage1Config)}
-    bad = [k for k in overrides if k not in names]
-    if bad:
-        hints = {k: difflib.get_close_matches(k, names, n=1) for k in bad}
-        raise TypeError("unknown stage-1 setting(s): " + ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "")
-                                                                 for k, h in hints.items()))
-    return _validate(replace(cfg, **overrides))
+    if not isinstance(preset, Stage1Config) and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}{suggest(str(preset), PRESETS)}; use one of {sorted(PRESETS)} or pass a Stage1Config.")
+    return make_config(Stage1Config, PRESETS, preset, what="stage-1", **overrides)    # names, types, then validate()
 
 def field_resolutions(cfg: Stage1Config, grid: tuple[int, int]) -> tuple[int, int]:
     "`(base_res, max_res)` of F's grid for a token grid `(h, w)`: the absolute values, or the per-token factors."
@@ -97,7 +93,8 @@ _CHOICES = dict(extract_dtype=("auto", "float32", "bfloat16"), fit_dtype=("float
                 warmup_kind=("linear", "linear+1"), resize=("bicubic", "pil_bilinear"), coords=("centre", "linspace"),
                 grid_kind=("dense", "tcnn"), g_read=("index", "grid_sample"))
 
-def _validate(cfg: Stage1Config) -> Stage1Config:
+@patch
+def validate(cfg: Stage1Config) -> Stage1Config:
     "`cfg` if every setting is usable, else a `TypeError` / `ValueError` naming the setting and the fix."
     for k in ("n_views", "steps", "tokens_per_step", "extract_batch", "seed"):
         v = getattr(cfg, k)
@@ -125,7 +122,7 @@ def denoise_image(backbone: nn.Module,                               # (B, 3, H,
                   **config) -> Stage1Result:                         # overrides of Stage1Config fields
     "Split one image's tokens into clean (F), artifact (G) and residual (h) by fitting DVT's noise model to random views."
     cfg = stage1_config(preset, **config)
-    if size is not None: cfg = _validate(replace(cfg, size=size))
+    if size is not None: cfg = replace(cfg, size=size).validate()
     stage1_geometry(backbone, cfg)                                    # fail before any work
     dev = pick_device(cfg.device)
     backbone = backbone.to(dev).eval()
@@ -134,12 +131,10 @@ def denoise_image(backbone: nn.Module,                               # (B, 3, H,
 # %% ../nbs/02c_stage1.ipynb #af30323d
 def stage1_geometry(backbone: nn.Module, cfg: Stage1Config) -> tuple[tuple[int, int], int, int, tuple[int, int]]:
     "Input size `(H, W)`, patch, stride and token grid `(h, w)` of stage 1 for `backbone` under `cfg`."
-    _check_backbone(backbone)
-    p, s = int(backbone.patch_size), int(getattr(backbone, "stride", None) or backbone.patch_size)
-    sz = cfg.size or getattr(backbone, "input_size", None)
-    if sz is None: raise ValueError("the backbone has no input_size; pass size=(H, W).")
+    spec = check_backbone(backbone, "stage 1 (denoise_image)")
+    p, s, sz = spec.patch_size, spec.stride, cfg.size or spec.input_size
     sz = (sz, sz) if isinstance(sz, int) else tuple(sz)
-    grid = grid_shape(sz, p, s)
+    grid = grid_shape(*sz, p, s)
     if min(grid) < 2: raise ValueError(f"size {sz} gives a {grid[0]}x{grid[1]} token grid; stage 1 needs at least 2x2 tokens, use a larger size.")
     return sz, p, s, grid
 
@@ -226,10 +221,7 @@ def fit_prepared(items: list[PreparedImage], device: torch.device | str) -> list
 # %% ../nbs/02c_stage1.ipynb #b67568c8
 def lr_at(step: int, cfg: Stage1Config) -> float:
     "Learning rate at `step` (0-based): linear warm-up to `cfg.lr` (`cfg.warmup_kind`), then half-cosine to `cfg.min_lr`."
-    warm = int(cfg.warmup * cfg.steps)
-    if step < warm: return cfg.lr * (step + (cfg.warmup_kind == "linear+1")) / warm
-    t = (step - warm) / max(cfg.steps - warm, 1)
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+    return lr_schedule(step, cfg.steps, cfg.lr, float(cfg.warmup), cfg.min_lr, cfg.warmup_kind, "cosine")
 
 def lr_table(cfg: Stage1Config, device=None) -> torch.Tensor:
     "The whole schedule `(steps,)` float32, one entry per step."
@@ -242,12 +234,6 @@ def phase2_start(cfg: Stage1Config) -> int:
 def _h_used(cfg: Stage1Config) -> bool: return cfg.residual and cfg.steps > phase2_start(cfg)
 
 # %% ../nbs/02c_stage1.ipynb #a2739d4a
-def _check_backbone(backbone) -> None:
-    miss = [a for a in ("patch_size", "embed_dim") if not hasattr(backbone, a)]
-    if miss or not callable(backbone):
-        raise TypeError(f"backbone must be a module mapping (B, 3, H, W) in [0, 1] to (B, h, w, C) with attributes patch_size "
-                        f"and embed_dim (like dvt.backbones.Backbone); {type(backbone).__name__} lacks {miss or 'a __call__'}.")
-
 def _nonfinite_error(what: str):
     return ValueError(f"the backbone returned NaN/Inf tokens for {what}; check its weights (e.g. a bad checkpoint) and dtype "
                       "(try extract_dtype='float32').")
@@ -448,7 +434,7 @@ def denoise_images(backbone: nn.Module,                        # as for denoise_
                    **config) -> list[Stage1Result]:            # overrides of Stage1Config fields
     "`denoise_image` on each of `images` (with `seeds[i]`, default the config's seed), fitting `batch_images` at a time."
     cfg = stage1_config(preset, **config)
-    if size is not None: cfg = _validate(replace(cfg, size=size))
+    if size is not None: cfg = replace(cfg, size=size).validate()
     images = list(images)
     seeds = [cfg.seed] * len(images) if seeds is None else list(seeds)
     if len(seeds) != len(images): raise ValueError(f"got {len(seeds)} seeds for {len(images)} images; pass one seed per image.")

@@ -8,9 +8,10 @@ import math
 from dataclasses import dataclass
 import torch
 from .data import resize_images
+from .contract import grid_shape
 
 # %% auto #0
-__all__ = ['sample_crops', 'token_centres', 'grid_shape', 'ViewSet', 'view_coords', 'make_views', 'render_views']
+__all__ = ['sample_crops', 'token_centres', 'ViewSet', 'view_coords', 'make_views', 'render_views']
 
 # %% ../nbs/02a_views.ipynb #8a4be6bd
 def sample_crops(n: int,                                       # number of boxes
@@ -41,16 +42,6 @@ def token_centres(n: int, patch_size: int, stride: int, size: int) -> torch.Tens
     "Centres `(n,)` of the `n` tokens along one side of a `size`-pixel input, as fractions in (0, 1)."
     return (torch.arange(n, dtype=torch.float64) * stride + patch_size / 2) / size
 
-def grid_shape(size: tuple[int, int], patch_size: int, stride: int) -> tuple[int, int]:
-    "The token grid `(h, w)` of an input of `size = (H, W)` pixels, or a `ValueError` naming valid sizes."
-    out = []
-    for n, what in zip(size, ("height", "width")):
-        if n < patch_size: raise ValueError(f"input {what} {n} is smaller than one patch ({patch_size} px); use a larger size.")
-        if (n - patch_size) % stride:
-            lo = patch_size + (n - patch_size) // stride * stride
-            raise ValueError(f"input {what} {n} does not fit patch {patch_size} / stride {stride}; use {lo} or {lo + stride}.")
-        out.append((n - patch_size) // stride + 1)
-    return tuple(out)
 
 # %% ../nbs/02a_views.ipynb #6d93bc42
 @dataclass
@@ -75,7 +66,7 @@ def view_coords(boxes: torch.Tensor,          # (N, 4) crop boxes: top, left, he
                 patch_size: int, stride: int, # the backbone's token geometry
                 rule: str = "centre") -> torch.Tensor:  # "centre" (patch centres) or "linspace" (the official convention)
     "Image coordinates `(N, h, w, 2)` (x, y) of every token of the views given by `boxes (N, 4)` and `flips (N,)`."
-    H, W = size; h, w = grid_shape(size, patch_size, stride)
+    H, W = size; h, w = grid_shape(H, W, patch_size, stride)
     if rule == "linspace": return _linspace_coords(boxes, flips, size, h, w)
     if rule != "centre": raise ValueError(f"rule={rule!r}; use 'centre' (patch centres) or 'linspace' (the official convention).")
     vy, vx = token_centres(h, patch_size, stride, H), token_centres(w, patch_size, stride, W)    # (h,), (w,)
@@ -110,7 +101,7 @@ def make_views(n_views: int,                                  # random views (th
         raise ValueError(f"n_views={n_views}: stage 1 needs at least one view; use n_views >= 1.")
     size = (size, size) if isinstance(size, int) else tuple(size)
     stride = stride or patch_size
-    grid_shape(size, patch_size, stride)
+    grid_shape(*size, patch_size, stride)
     boxes = sample_crops(n_views, *size, scale=scale, ratio=ratio, generator=generator)
     flips = torch.rand(n_views, generator=generator) < flip_p
     if include_full:

@@ -131,7 +131,7 @@ def test_bad_inputs(planted):
     fct.test_fail(lambda: denoise_image(planted, img, preset="smoke", stepz=3), contains="did you mean 'steps'")
     fct.test_fail(lambda: denoise_image(planted, torch.rand(3, 20, 20), preset="smoke"), contains="smaller than the 32x32 token grid")
     fct.test_fail(lambda: denoise_image(planted, img, size=16, preset="smoke"), contains="at least 2x2 tokens")
-    fct.test_fail(lambda: denoise_image(planted, img, size=100, preset="smoke"), contains="use 96 or 112")
+    fct.test_fail(lambda: denoise_image(planted, img, size=100, preset="smoke"), contains="96 or 112")
     fct.test_fail(lambda: denoise_image(planted, img * 255, preset="smoke"), contains="[0, 1]")
     fct.test_fail(lambda: denoise_image(nn.Identity(), img, preset="smoke"), contains="patch_size")
     fct.test_fail(lambda: denoise_image(planted, "no/such/image.png", preset="smoke"), contains="not found")

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 import fastcore.test as fct
 from dvt.data import sample_image, resize_images
-from dvt.views import make_views, render_views, token_centres, grid_shape
+from dvt.views import make_views, render_views, token_centres
+from dvt.contract import grid_shape
 from dvt.fields import MultiResGrid, NoiseModel, ArtifactField, tcnn_levels, grid_sample_taps
 
 
@@ -16,7 +17,7 @@ def at(x, coords):  # bilinear lookup of (3, H, W) at (n, 2) coordinates in [0, 
 def test_token_coordinates_match_pixels(size, patch, stride):
     img = resize_images(sample_image("coffee"), size)
     vs = make_views(6, size, patch, stride, generator=torch.Generator().manual_seed(1))
-    fct.test_eq(vs.grid, grid_shape(size, patch, stride))
+    fct.test_eq(vs.grid, grid_shape(*size, patch, stride))
     px = render_views(img, vs)
     own = vs.coords[0].reshape(-1, 2)                                    # a view's own token centres, as fractions
     fct.test_close(own[:, 0].unique(), token_centres(vs.grid[1], patch, stride, size[1]).float(), eps=1e-6)
