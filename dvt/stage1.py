@@ -50,7 +50,7 @@ class Stage1Config:
     h_weight: float = 0.1              # h's loss: h_weight * MSE(h, sg(y - F - G)) + l1_weight * |h|
     l1_weight: float = 0.02
     scale: tuple[float, float] = (0.1, 0.5); ratio: tuple[float, float] = (3 / 4, 4 / 3)   # views: area, aspect ratio
-    flip_p: float = 0.5
+    flip_p: float = 0.5; clamp_views: bool = True   # flip probability; views' bicubic overshoot clamped to [0, 1] (official: not)
     device: str | None = None          # None / "auto": CUDA when available
     extract_batch: int = 32            # views per backbone call
     extract_dtype: str = "auto"        # "auto": bfloat16 autocast on CUDA, float32 on CPU; or "float32" / "bfloat16"
@@ -178,7 +178,7 @@ def prepare_fit(backbone: nn.Module, image, cfg: Stage1Config, device: torch.dev
     gen = torch.Generator().manual_seed(cfg.seed)
     views = make_views(cfg.n_views, sz, p, s, generator=gen, scale=cfg.scale, ratio=cfg.ratio, flip_p=cfg.flip_p, rule=cfg.coords)
     img_d = img.to(dev)
-    pool = extract_views(backbone, img_d, views, cfg.extract_batch, _extract_dtype(cfg, dev))  # (N, h, w, C)
+    pool = extract_views(backbone, img_d, views, cfg.extract_batch, _extract_dtype(cfg, dev), cfg.clamp_views)  # (N, h, w, C)
     with torch.inference_mode(): raw = backbone(img_d[None])[0].float()                  # view 0 again, in float32
     raw = raw.clone()                                                                      # a normal tensor again
     if not torch.isfinite(raw).all(): raise _nonfinite_error("the full image")
@@ -242,7 +242,8 @@ def extract_views(backbone: nn.Module,              # (B, 3, H, W) -> (B, h, w, 
                   image: torch.Tensor,              # (3, H, W) the resized image, on the backbone's device
                   views: ViewSet,                   # the views to render and extract
                   batch: int = 32,                  # views per backbone call
-                  dtype: torch.dtype | None = None) -> torch.Tensor:   # autocast dtype (None / float32: none)
+                  dtype: torch.dtype | None = None,  # autocast dtype (None / float32: none)
+                  clamp: bool = True) -> torch.Tensor:  # clamp the rendered views to [0, 1] (see `render_views`)
     "Tokens `(N, h, w, C)` (float32, on `image`'s device) of every view of `image (3, H, W)`, under `inference_mode`."
     N, (h, w) = len(views), views.grid
     out = torch.empty(N, h, w, backbone.embed_dim, device=image.device)
@@ -252,7 +253,7 @@ def extract_views(backbone: nn.Module,              # (B, 3, H, W) -> (B, h, w, 
         for k, s in enumerate(range(0, N, batch)):
             idx = range(s, min(s + batch, N))
             with torch.autocast(image.device.type, dtype=dtype, enabled=amp):
-                px = render_views(image, views, idx)
+                px = render_views(image, views, idx, clamp)
                 y = backbone(px.contiguous(memory_format=torch.channels_last) if image.is_cuda else px)
             if tuple(y.shape) != (len(idx), h, w, backbone.embed_dim):
                 raise ValueError(f"backbone returned {tuple(y.shape)} for {len(idx)} views of {views.size}; expected "
@@ -262,7 +263,7 @@ def extract_views(backbone: nn.Module,              # (B, 3, H, W) -> (B, h, w, 
         bad = (~finite).nonzero()[:, 0].tolist()                              # one synchronisation, after the loop
         for k in bad:
             idx = range(k * batch, min((k + 1) * batch, N))
-            y = backbone(render_views(image, views, idx)).float()
+            y = backbone(render_views(image, views, idx, clamp)).float()
             if amp and torch.isfinite(y).all(): out[idx.start:idx.stop] = y
             else: raise _nonfinite_error(f"views {idx.start}..{idx.stop - 1}")
     return out

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from .data import resize_images
 from .contract import grid_shape
+import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['sample_crops', 'token_centres', 'ViewSet', 'view_coords', 'make_views', 'render_views']
@@ -109,7 +110,10 @@ def make_views(n_views: int,                                  # random views (th
     return ViewSet(boxes, flips, view_coords(boxes, flips, size, patch_size, stride, rule), size, patch_size, stride, rule)
 
 # %% ../nbs/02a_views.ipynb #3fbb4a9f
-def render_views(image: torch.Tensor, views: ViewSet, idx: torch.Tensor | list[int] | range | None = None) -> torch.Tensor:
+def render_views(image: torch.Tensor,                               # (3, H, W) the resized image
+                 views: ViewSet,
+                 idx: torch.Tensor | list[int] | range | None = None,  # which views (default all)
+                 clamp: bool = True) -> torch.Tensor:                  # clamp the bicubic output to [0, 1] (the official code does not)
     "Pixels `(n, 3, H, W)` of the views `idx` (default all) of `image (3, H, W)`, already resized to `views.size`."
     if tuple(image.shape[-2:]) != tuple(views.size):
         raise ValueError(f"image is {tuple(image.shape[-2:])} but the views were sampled for {views.size}; resize it first.")
@@ -117,6 +121,8 @@ def render_views(image: torch.Tensor, views: ViewSet, idx: torch.Tensor | list[i
     out = []
     for i in (idx.tolist() if isinstance(idx, torch.Tensor) else idx):
         t, l, h, w = views.boxes[i].tolist()
-        v = resize_images(image[None, :, t:t + h, l:l + w], views.size)
+        v = image[None, :, t:t + h, l:l + w]
+        if (h, w) != tuple(views.size): v = F.interpolate(v, size=views.size, mode="bicubic", align_corners=False, antialias=True)
+        if clamp: v = v.clamp(0, 1)
         out.append(v.flip(-1) if views.flips[i] else v)
     return torch.cat(out)

@@ -93,3 +93,12 @@ def test_dense_grid_is_grid_sample_and_g_taps():
     with torch.no_grad(): fct.test_close(G(torch.arange(37 * 37)), ref, eps=1e-6)
     rows, w = grid_sample_taps(37, 37)
     fct.test_eq(int((w[:37] > 0).sum(1).gt(1).sum()), 9)                     # 9 of 37 nodes of the first row read a neighbour
+
+
+def test_render_clamp_option():
+    "The official crops keep the bicubic overshoot; clamp=False renders them that way, clamp=True (default) stays in [0, 1]."
+    img = (torch.rand(3, 64, 64) > 0.5).float()                                  # hard edges: bicubic overshoots
+    vs = make_views(3, 64, 16, generator=torch.Generator().manual_seed(0))
+    a, b = render_views(img, vs, clamp=False), render_views(img, vs)
+    assert a.min() < -0.01 and a.max() > 1.01 and b.min() >= 0 and b.max() <= 1
+    fct.test_eq(b, a.clamp(0, 1))
