@@ -6,7 +6,7 @@
 from __future__ import annotations
 import math, time, warnings
 from tqdm.auto import tqdm
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.nn as nn
