@@ -317,8 +317,8 @@ def fit_stack(stack: NoiseModelStack,     # K models to fit, stacked
     step_t, start2, run = torch.zeros((), dtype=torch.long, device=dev), phase2_start(cfg), _StepRunner(cfg, dev)
     for step in range(cfg.steps):
         if step == start2: stack.table.requires_grad_(False); stack.table.grad = None          # freeze G, h joins
-        loss, terms = run(stack, pool, step_t, hw, cfg.residual and step >= start2)
-        loss.backward(); opt.step(lrs[step])
+        terms = run(stack, pool, step_t, hw, cfg.residual and step >= start2)          # forward and backward
+        opt.step(lrs[step])
         losses[step].copy_(terms.detach()); step_t += 1
     return losses.transpose(0, 1)
 
@@ -414,15 +414,22 @@ class _StepRunner:
             self.fn = torch.compile(step_loss, fullgraph=True, dynamic=False, mode="reduce-overhead" if mode == "graph" and dev.type == "cuda" else None)
         self.cfg, self.tried = cfg, mode == "off"
 
-    def __call__(self, stack, pool, step, hw, phase2):
-        if self.tried: return self.fn(stack, pool, step, hw, phase2, self.cfg)
-        try: out = self.fn(stack, pool, step, hw, phase2, self.cfg)
+    def __call__(self, stack, pool, step, hw, phase2) -> torch.Tensor:
+        "One step's forward and backward; the per-image loss terms `(K, 4)`."
+        if self.tried: return self._run(self.fn, stack, pool, step, hw, phase2)
+        try: out = self._run(self.fn, stack, pool, step, hw, phase2)
         except Exception as e:                                          # a compiler missing or failing: the eager step is the same maths
             warnings.warn(f"stage 1: compile={self.mode!r} failed ({type(e).__name__}: {str(e)[:200]}); fitting eagerly. Use compile='off' to skip.")
+            for p in stack.parameters(): p.grad = None
             self.fn, self.tried = step_loss, True
-            return step_loss(stack, pool, step, hw, phase2, self.cfg)
-        self.tried = phase2                                             # each phase's first call compiles
+            return self._run(step_loss, stack, pool, step, hw, phase2)
+        self.tried = phase2                                             # each phase's first call compiles (forward and backward)
         return out
+
+    def _run(self, fn, stack, pool, step, hw, phase2):
+        loss, terms = fn(stack, pool, step, hw, phase2, self.cfg)
+        loss.backward()
+        return terms
 
 # %% ../nbs/02c_stage1.ipynb #9354589a
 def denoise_images(backbone: nn.Module,                        # as for denoise_image

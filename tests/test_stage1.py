@@ -260,3 +260,17 @@ def test_ops_per_step_budget():
         return sum(1 for e in p.events() if e.name.startswith("aten::"))
     per_step = (events(40) - events(20)) / 20
     assert per_step <= 460, per_step                                                      # 1,333 before the rewrite
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    "A compiler that fails (none installed, an unsupported op) costs a warning, not the run: the eager step gives the same numbers."
+    def broken(*a, **k):
+        def fn(*a2, **k2): raise RuntimeError("no compiler")
+        return fn
+    cfg = stage1_config("smoke", steps=6, tokens_per_step=32, compile="on")
+    y, c = torch.randn(1, 48, 16), torch.rand(1, 48, 2)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "compile", broken)
+        with pytest.warns(UserWarning, match="fitting eagerly"): a = fit_stack(NoiseModelStack([_tiny()]), y, c, 16, cfg, [1])
+    b = fit_stack(NoiseModelStack([_tiny()]), y, c, 16, stage1_config(cfg, compile="off"), [1])
+    fct.test_eq(a, b)
