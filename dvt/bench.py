@@ -365,7 +365,7 @@ def _fit_baseline(p: dict):
     "gpu": [*(dict(preset=pr, dim=768, grid=37, views=769, steps=300, images=k) for pr in ("default", "paper") for k in (1, 8))]})
 def stage1_fit_case(device, dtype, preset, dim, grid, views, steps, images=1):
     "Stage 1's fit loop: `steps` Adam steps of `images` stacked noise models of the `preset`, each on a `views`-view pool of `grid`² `dim`-d tokens (image-steps/s)."
-    from dvt.stage1 import stage1_config, field_resolutions, _fit
+    from dvt.stage1 import stage1_config, field_resolutions, fit_stack
     from dvt.fields import NoiseModel, NoiseModelStack
     from dvt.views import make_views
     cfg = stage1_config(preset, steps=steps)
@@ -378,8 +378,8 @@ def stage1_fit_case(device, dtype, preset, dim, grid, views, steps, images=1):
     models = [NoiseModel(dim, (grid, grid), cfg.n_levels, cfg.n_features, base, top, cfg.field_init, cfg.artifact_init).to(device)
               for _ in range(images)]
     stack = NoiseModelStack(models)
-    gens = [torch.Generator(device).manual_seed(1 + k) for k in range(images)]
-    fn = lambda: _fit(stack, y, coords, grid * grid, cfg, gens)
+    seeds = [1 + k for k in range(images)]
+    fn = lambda: fit_stack(stack, y, coords, grid * grid, cfg, seeds)
     full = stage1_config(preset).steps
     n_par = sum(q.numel() for q in models[0].parameters())
     return Workload(fn, steps * images, "image-steps",
