@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from .core import pick_device
 from .contract import make_backbone
-from .stage1 import Stage1Config, stage1_config, stage1_geometry as _geometry, prepare_fit as _prepare, fit_prepared as _fit_prepared
+from .stage1 import Stage1Config, stage1_config, stage1_geometry, prepare_fit, fit_prepared
 from .runs import (RunLock, LockedError, Progress, save_tensors, safetensors_problem, check_writable, clean_temporaries,
                       disk_problem, read_json, write_json, module_fingerprint, fault_point, user_errors)
 
@@ -137,7 +137,7 @@ def denoise_folder(source, out_dir: str | Path, backbone: nn.Module,
     i, n = shard if isinstance(shard, tuple) else parse_shard(shard)
     mine, out = images[i::n], Path(out_dir)
     prepare_out(out, run_config(backbone, cfg, preset), overwrite)
-    _geometry(backbone, cfg)                                        # a bad size fails here, not once per image
+    stage1_geometry(backbone, cfg)                                        # a bad size fails here, not once per image
     dev = pick_device(cfg.device)
     backbone = backbone.to(dev).eval()                              # note: moves the caller's module and sets eval mode
     run = _FolderRun(out, backbone, cfg, dev, overwrite, batch_images, Progress(len(mine), f"dvt_denoise {i}/{n}",
@@ -182,7 +182,7 @@ class _FolderRun:
             if (claim := _claim(self.out, p)) is None: self.tick("busy", p, "being computed by another process"); continue
             if not self.overwrite and _done(self.out, p): claim.release(); self.tick("skipped", p); continue
             clean_temporaries(self.out, [f"{p.stem}.safetensors"])  # a killed run's half-written file of this image
-            try: ready.append((p, _prepare(self.bb, p, replace(self.cfg, seed=image_seed(self.cfg.seed, p.stem)), self.dev), claim))
+            try: ready.append((p, prepare_fit(self.bb, p, replace(self.cfg, seed=image_seed(self.cfg.seed, p.stem)), self.dev), claim))
             except (KeyboardInterrupt, SystemExit): raise
             except Exception as e: claim.release(); self.tick("failed", p, f"{type(e).__name__}: {e}")
             if len(ready) == self.k: self.flush(ready); ready = []
@@ -195,7 +195,7 @@ from fastcore.basics import patch
 def flush(self: _FolderRun, ready: list):
     "Fit the prepared images together and write each; release their claims."
     try:
-        try: results = _fit_prepared([r for _, r, _ in ready], self.dev)
+        try: results = fit_prepared([r for _, r, _ in ready], self.dev)
         except (KeyboardInterrupt, SystemExit): raise
         except Exception as e:
             for p, _, _ in ready: self.tick("failed", p, f"{type(e).__name__}: {e}")
