@@ -521,6 +521,8 @@ def train_denoiser(pairs: str | Path, out_dir: str | Path, cfg: TrainConfig | st
     return den.eval()
 
 # %% ../nbs/03_denoiser.ipynb #9c2b6416
+from .core import add_threads_arg, set_threads
+
 def _config_from_args(presets: dict, a) -> TrainConfig:
     over = {k: v for k, v in dict(steps=a.steps, batch_size=a.batch_size, blr=a.blr, save_every=a.save_every,
                                   seed=a.seed, epochs=getattr(a, "epochs", None)).items() if v is not None}
@@ -532,6 +534,7 @@ def _add_train_args(ap: argparse.ArgumentParser, presets: dict):
         ap.add_argument(f"--{k}", type=t, default=None, help="override the preset")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: this process's GPU, else CPU)")
     ap.add_argument("--workers", type=int, default=0, help="data loader processes")
+    add_threads_arg(ap)
     ap.add_argument("--no-resume", action="store_true", help="start over even if OUT holds a checkpoint")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--curve", default="auto", help="loss curve PNG (default: figures/<...>_loss_<OUT name>.png)")
@@ -543,6 +546,7 @@ def train_denoiser_cli(argv: list[str] | None = None):
     ap.add_argument("out", help="output folder: denoiser.safetensors + denoiser.json + train_state.safetensors")
     _add_train_args(ap, DENOISER_PRESETS)
     a = ap.parse_args(argv)
+    set_threads(a.threads)
     with distributed_run(a.device) as device:
         train_denoiser(a.pairs, a.out, _config_from_args(DENOISER_PRESETS, a), device=device, resume=not a.no_resume,
                        progress=not a.no_progress, workers=a.workers, curve=a.curve)

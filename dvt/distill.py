@@ -133,6 +133,8 @@ def distill_loss(student: nn.Module, teacher: Callable | None, images, size: int
     return total / len(data)
 
 # %% ../nbs/03a_distill.ipynb #ee00531a
+from .core import command, set_threads
+
 def distill_denoised(model: str, denoiser, images, out_dir: str | Path, cfg: TrainConfig | str = "paper", *,
                      checkpoint: str | Path | None = None, pretrained: bool = True, folder: str = "voc_denoised", **kwargs) -> Backbone:
     "DVT's stage 3 for timm `model`: teacher = frozen ViT + `denoiser` (path, `Denoiser`, or 'official'); return the student."
@@ -144,6 +146,7 @@ def distill_denoised(model: str, denoiser, images, out_dir: str | Path, cfg: Tra
     distill(student, DenoisedBackbone(vit, den), images, out_dir, cfg, **kwargs)
     return student.eval()
 
+@command("dvt_distill", weights="use --random-init for random ViT weights, or --checkpoint path/to/{name}.safetensors")
 def distill_cli(argv: list[str] | None = None):
     "Console entry point `dvt_distill`: fine-tune a timm ViT to match ViT + denoiser on an image folder (torchrun for multi-GPU)."
     ap = argparse.ArgumentParser(prog="dvt_distill", description=distill_cli.__doc__)
@@ -158,6 +161,7 @@ def distill_cli(argv: list[str] | None = None):
     ap.add_argument("--epochs", type=float, default=None, help="override the preset's length in epochs")
     _add_train_args(ap, DISTILL_PRESETS)
     a = ap.parse_args(argv)
+    set_threads(a.threads)
     with distributed_run(a.device) as device:
         distill_denoised(a.model, a.denoiser, a.images, a.out, _config_from_args(DISTILL_PRESETS, a), checkpoint=a.checkpoint,
                          pretrained=not a.random_init, folder=a.folder, size=a.size, device=device, resume=not a.no_resume,

@@ -156,6 +156,8 @@ def denoise_folder(source, out_dir: str | Path, backbone: nn.Module, preset: str
     return report
 
 # %% ../nbs/02d_stage1_data.ipynb #8d8f9a03
+from .core import add_threads_arg, command, set_threads
+
 def _value(s: str):
     try: return json.loads(s)
     except json.JSONDecodeError: return s
@@ -169,6 +171,7 @@ def make_backbone(model: str, pretrained: bool = True, checkpoint: str | None = 
     from dvt.backbones import Backbone
     return Backbone(model, pretrained=pretrained, checkpoint=checkpoint, layer=layer, stride=stride)
 
+@command("dvt_denoise", weights="use --random-init for random weights, or --checkpoint path/to/{name}.safetensors")
 def denoise_folder_cli(argv: list[str] | None = None):
     "Console entry point `dvt_denoise`: stage 1 over a folder or list of images (resumable, sharded)."
     ap = argparse.ArgumentParser(prog="dvt_denoise", description=denoise_folder_cli.__doc__)
@@ -188,7 +191,7 @@ def denoise_folder_cli(argv: list[str] | None = None):
     ap.add_argument("--overwrite", action="store_true", help="recompute images whose output exists")
     ap.add_argument("--batch-images", type=int, default=1,
                     help="images whose fields are fitted together in one loop (default 1; 8 on a GPU, memory permitting)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_arg(ap)
     a = ap.parse_args(argv)
     overrides = {}
     for kv in a.set:
@@ -198,7 +201,7 @@ def denoise_folder_cli(argv: list[str] | None = None):
         if getattr(a, k) is not None: overrides[k] = getattr(a, k)
     if "device" not in overrides and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         overrides["device"] = f"cuda:{os.environ['LOCAL_RANK']}"
-    if a.threads: torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     stage1_config(a.preset, **overrides)                             # bad settings fail before the model loads
     bb = make_backbone(a.model, pretrained=not a.random_init, checkpoint=a.checkpoint, layer=a.layer, stride=a.stride)
     t0 = time.perf_counter()
