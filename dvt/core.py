@@ -169,10 +169,13 @@ def _environ(env: dict[str, str]):
             else: os.environ[k] = v
 
 # %% ../nbs/00_core.ipynb #1de8679a
-def _param(pair: list[str]) -> tuple[str, object]:
-    "A `-p NAME VALUE` pair: VALUE as JSON when it parses (numbers, null, {...}), else as a string."
-    try: return pair[0], json.loads(pair[1])
-    except json.JSONDecodeError: return pair[0], pair[1]
+def _literal(v: str):
+    "A `-p` value: a JSON or Python literal (numbers, True/true, None/null, lists, dicts), else the string itself."
+    import ast
+    for parse in (json.loads, ast.literal_eval):
+        try: return parse(v)
+        except (ValueError, SyntaxError): pass
+    return v
 
 REPRODUCE_WEIGHTS_FIX = """pass local weights with -p checkpoints '{{"{name}": "path/to/{name}.safetensors"}}'"""
 
@@ -184,7 +187,7 @@ def reproduce_cli(argv: list[str] | None = None):
     ap.add_argument("--out", default=None, help="folder for the executed notebooks (default runs/<profile>)")
     ap.add_argument("--notebook", action="append", default=None, help="run only this notebook of nbs/ (repeatable)")
     ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                    help="""a notebook parameter (repeatable; VALUE is JSON if it parses), e.g. -p checkpoints '{"vit_base_patch14_dinov2.lvd142m": "w.safetensors"}'""")
+                    help="""a notebook parameter (repeatable; VALUE: a JSON or Python literal, else a string), e.g. -p checkpoints '{"vit_base_patch14_dinov2.lvd142m": "w.safetensors"}'""")
     ap.add_argument("--golden", action="store_true",
                     help="deliberately regenerate the nbval golden notebooks under tests/golden/ (smoke profile)")
     add_threads_arg(ap)
@@ -194,7 +197,8 @@ def reproduce_cli(argv: list[str] | None = None):
         a.out = repo_root() / "tests" / "golden"
     threads = str(set_threads(a.threads))  # this process; the kernels get it through the environment
     env = {"DVT_THREADS": threads, "OMP_NUM_THREADS": threads, "DVT_WEIGHTS_FIX": REPRODUCE_WEIGHTS_FIX}
-    params = dict(map(_param, a.parameter))
+    params = {k: _literal(v) for k, v in a.parameter}
+    if "profile" in params: ap.error("set the profile with --profile, not -p profile")
     try:
         for nb in ([repo_root() / "nbs" / n for n in a.notebook] if a.notebook else artefact_notebooks()): check_parameters(nb, params)
     except (ValueError, FileNotFoundError) as e: ap.error(str(e))
