@@ -14,18 +14,21 @@ _API = {
     "BackboneWrapper": "contract", "make_backbone": "contract", "register_variant": "contract",
     "make_config": "config", "lr_schedule": "config",
     "set_threads": "core", "WeightsUnavailable": "backbones",
+    "diagnose": "diagnostics", "fit_position_remover": "diagnostics", "PositionRemover": "diagnostics",
     "Backbone": "backbones", "SEED_MODELS": "backbones", "save_backbone": "backbones",
     "load_image": "data", "sample_image": "data", "sample_images": "data",
     "PlantedBackbone": "synthetic",
     "denoise_image": "stage1", "denoise_images": "stage1", "denoise_folder": "stage1_data",
     "Denoiser": "denoiser", "DenoisedBackbone": "denoiser", "load_official": "denoiser",
     "load_denoiser": "denoiser", "save_denoiser": "denoiser", "train_denoiser": "denoiser",
-    "distill": "distill",
-    "srt": "resonance", "SRTTeacher": "resonance",
+    "distill": "distillation",
+    "srt": "resonance", "SRTTeacher": "resonance", "SRTConfig": "resonance", "SRTBaseline": "resonance",
+    "noise_ensemble": "resonance", "output_ensemble": "resonance",
     "mic": "metrics", "position_mic": "metrics",
     "make_fixtures": "datasets", "load_dataset": "datasets",
     "run_seg_probe": "probes", "run_depth_probe": "probes",
     "run_lost": "discovery", "run_davis": "discovery",
+    "run_hummingbird": "retrieval", "run_overclustering": "retrieval",
 }
 
 # The chapters' modules (`dvt.viz`, `dvt.metrics`, ...) are attributes too, imported on first use. A public name above

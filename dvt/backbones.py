@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_backbones.ipynb #df4be342
 from __future__ import annotations
-import contextlib, difflib, json, math, types, warnings
+import contextlib, difflib, inspect, json, math, types
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from .data import check_images
 
 # %% auto #0
 __all__ = ['SEED_MODELS', 'check_model_name', 'read_state_dict', 'load_into', 'create_vit', 'WeightsUnavailable', 'hub_reachable',
-           'Backbone', 'check_token_budget', 'dino_resample', 'use_dino_pos_embed', 'save_backbone']
+           'Backbone', 'block_outputs', 'check_token_budget', 'dino_resample', 'use_dino_pos_embed', 'save_backbone']
 
 # %% ../nbs/01_backbones.ipynb #efb9bc64
 SEED_MODELS = (
@@ -85,16 +85,23 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "chec
     return model
 
 # %% ../nbs/01_backbones.ipynb #1cf882b2
+def _create(name: str, pretrained: bool, kw: dict) -> nn.Module:
+    "timm.create_model, without `dynamic_img_size` for models that resample by themselves (SAM's encoder)."
+    try: return timm.create_model(name, pretrained=pretrained, **kw)
+    except TypeError as e:
+        if "dynamic_img_size" not in str(e): raise
+        return timm.create_model(name, pretrained=pretrained, **{k: v for k, v in kw.items() if k != "dynamic_img_size"})
+
 def create_vit(name: str, pretrained: bool = True, checkpoint: str | Path | None = None, **kwargs) -> nn.Module:
     "Create timm model `name` (no head, dynamic image size) with hub, local-file or random weights."
     check_model_name(name)
     kw = dict(num_classes=0, dynamic_img_size=True, **kwargs)
     use_hub = pretrained and checkpoint is None
-    if not use_hub: model = timm.create_model(name, pretrained=False, **kw)
+    if not use_hub: model = _create(name, False, kw)
     else:
         offline = _hub_offline_mode() or not hub_reachable()
         try:
-            with _hub_offline(offline): model = timm.create_model(name, pretrained=True, **kw)
+            with _hub_offline(offline): model = _create(name, True, kw)
         except Exception as e:
             why = ("the Hugging Face hub cannot be reached (no network?) and they are not in the local cache" if offline
                    else f"the download failed ({type(e).__name__}: {str(e)[:200]})")
@@ -206,12 +213,21 @@ def features(self: Backbone, images: torch.Tensor, layers: list[int] | None = No
     idx = [self.layer] if layers is None else [self.block_index(l) for l in layers]
     x = (images.to(self.mean.dtype) - self.mean) / self.std
     x = x.to(next(self.model.parameters()).dtype)
-    out = self.model.forward_intermediates(x, indices=idx, norm=self.norm, stop_early=True, output_fmt="NLC",
-                                           intermediates_only=True, return_prefix_tokens=True)
-    toks = [(t[0] if isinstance(t, tuple) else t).reshape(x.shape[0], h, w, -1) for t in out]
-    pre = [t[1] if isinstance(t, tuple) and t[1] is not None else x.new_zeros(x.shape[0], 0, self.embed_dim) for t in out]
+    out = block_outputs(self.model, x, idx, self.norm)                     # [(tokens, prefix or None)] per block
+    toks = [t.reshape(x.shape[0], h, w, -1) for t, _ in out]
+    pre = [p if p is not None else x.new_zeros(x.shape[0], 0, self.embed_dim) for _, p in out]
     if layers is None: toks, pre = toks[0], pre[0]
     return (toks, pre) if prefix else toks
+
+# %% ../nbs/01_backbones.ipynb #63c49084
+def block_outputs(model: nn.Module, x: torch.Tensor, idx: list[int], norm: bool) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    "For each block in `idx`: tokens `(B, h*w, C)` or `(B, h, w, C)`, and prefix tokens `(B, P, C)` or None."
+    if "return_prefix_tokens" in inspect.signature(model.forward_intermediates).parameters:
+        out = model.forward_intermediates(x, indices=idx, norm=norm, stop_early=True, output_fmt="NLC",
+                                          intermediates_only=True, return_prefix_tokens=True)
+        return [(t[0], t[1]) if isinstance(t, tuple) else (t, None) for t in out]
+    out = model.forward_intermediates(x, indices=idx, norm=False, stop_early=True, output_fmt="NCHW", intermediates_only=True)
+    return [(t.permute(0, 2, 3, 1), None) for t in out]                   # SAM: (B, C, h, w) -> (B, h, w, C)
 
 # %% ../nbs/01_backbones.ipynb #1b296927
 def check_token_budget(h: int, w: int, max_tokens: int, name: str = "the backbone", size=None) -> None:
