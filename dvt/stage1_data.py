@@ -225,6 +225,8 @@ def _backbone_options(a: argparse.Namespace) -> dict:
     return opts
 
 # %% ../nbs/02d_stage1_data.ipynb #f3c54548
+from .core import add_threads_arg, command, set_threads
+
 DENOISE_EPILOG = """Killed and rerun: rerunning the same command skips every image whose output file is complete (its
 header and size are checked; a truncated or empty file is recomputed), removes the killed run's temporary files, and
 computes the rest; the outputs equal those of an uninterrupted run. Several processes may share one --out, with or
@@ -259,8 +261,6 @@ def denoise_folder_cli(argv: list[str] | None = None):
     if rep["failed"]: sys.exit(1)                                    # None otherwise: the console script's sys.exit(None) is 0
 
 # %% ../nbs/02d_stage1_data.ipynb #51192668
-from .core import add_threads_arg, command, set_threads
-
 def _add_denoise_args(ap: argparse.ArgumentParser):
     ap.add_argument("source", help="folder of images (recursive) or a text file with one image path per line")
     ap.add_argument("--out", required=True, help="output folder: config.json + <stem>.safetensors (raw, clean)")
