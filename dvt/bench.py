@@ -715,6 +715,8 @@ def run_bench(profile: str = "cpu", cases: list[str] | None = None, device: str 
     return add_ratios(rows)
 
 # %% ../nbs/06_bench.ipynb #1d879aa2
+from .core import add_threads_arg, set_threads
+
 def bench_cli(argv: list[str] | None = None):
     "Console entry point `dvt_bench`: time dvt's stages and write benchmarks/results_<profile>.csv and .md."
     ap = argparse.ArgumentParser(prog="dvt_bench", description=bench_cli.__doc__)
@@ -732,7 +734,9 @@ def bench_cli(argv: list[str] | None = None):
     ap.add_argument("--dry-run", action="store_true", help="write the planned rows as 'not measured' without running them")
     ap.add_argument("--reason", default="", help="with --dry-run: why the rows are not measured")
     ap.add_argument("--list", action="store_true", help="print the planned rows and exit")
+    add_threads_arg(ap)
     a = ap.parse_args(argv)
+    set_threads(a.threads)
     profile = a.profile or ("gpu" if a.device != "cpu" and torch.cuda.is_available() else "cpu")
     cases = list(a.case or [])
     if a.suite:

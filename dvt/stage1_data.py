@@ -225,6 +225,8 @@ def _backbone_options(a: argparse.Namespace) -> dict:
     return opts
 
 # %% ../nbs/02d_stage1_data.ipynb #f3c54548
+from .core import add_threads_arg, command, set_threads
+
 DENOISE_EPILOG = """Killed and rerun: rerunning the same command skips every image whose output file is complete (its
 header and size are checked; a truncated or empty file is recomputed), removes the killed run's temporary files, and
 computes the rest; the outputs equal those of an uninterrupted run. Several processes may share one --out, with or
@@ -233,6 +235,7 @@ that change the numbers is refused (--overwrite recomputes everything). A full o
 written with the reason, stops the run, and keeps every finished image. Exit status: 0 when every image of the shard
 is done or being done by another process, 1 when some failed, 2 on a setting or folder error."""
 
+@command("dvt_denoise", weights="use --random-init for random weights, or --checkpoint path/to/{name}.safetensors")
 def denoise_folder_cli(argv: list[str] | None = None):
     "Run DVT's stage 1 on a folder or list of images and write one (raw, clean) token pair per image (resumable, sharded)."
     ap = argparse.ArgumentParser(prog="dvt_denoise", description=denoise_folder_cli.__doc__, epilog=DENOISE_EPILOG,
@@ -247,7 +250,7 @@ def denoise_folder_cli(argv: list[str] | None = None):
         if getattr(a, k) is not None: overrides[k] = getattr(a, k)
     if "device" not in overrides and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         overrides["device"] = f"cuda:{os.environ['LOCAL_RANK']}"
-    if a.threads: torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     with user_errors("dvt_denoise"):
         stage1_config(a.preset, **overrides)                         # bad settings fail before the model loads
         bb = make_backbone(a.model, **_backbone_options(a))
@@ -277,7 +280,7 @@ def _add_denoise_args(ap: argparse.ArgumentParser):
     ap.add_argument("--batch-images", type=int, default=1,
                     help="images whose fields are fitted together in one loop (default 1; 8 on a GPU, memory permitting)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar or per-image lines")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_arg(ap)
 
 def _summary(rep: dict, secs: float):
     "Print the run's totals, mean timings, failures and why it stopped."
