@@ -25,12 +25,12 @@ def repo_root(start: str | Path | None = None) -> Path:
 
 # %% ../nbs/00_core.ipynb #e9070e71
 def figures_dir() -> Path:
-    "`figures/` at the repository root, created on demand."
-    p = repo_root() / "figures"; p.mkdir(parents=True, exist_ok=True); return p
+    "`figures/` at the repository root (or `$DVT_FIGURES_DIR`), created on demand."
+    p = Path(os.environ.get("DVT_FIGURES_DIR") or repo_root() / "figures"); p.mkdir(parents=True, exist_ok=True); return p
 
 def tables_dir() -> Path:
-    "`tables/` at the repository root, created on demand."
-    p = repo_root() / "tables"; p.mkdir(parents=True, exist_ok=True); return p
+    "`tables/` at the repository root (or `$DVT_TABLES_DIR`), created on demand."
+    p = Path(os.environ.get("DVT_TABLES_DIR") or repo_root() / "tables"); p.mkdir(parents=True, exist_ok=True); return p
 
 # %% ../nbs/00_core.ipynb #2331f9ad
 def seed_everything(seed: int = 0) -> torch.Generator:

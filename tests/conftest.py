@@ -12,3 +12,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# The chapters and the artefact notebooks write figures and tables; under the tests they go to a scratch folder, so
+# running the suite never changes tracked files (PNG bytes vary with the torch and matplotlib versions).
+import tempfile  # noqa: E402
+_scratch = tempfile.mkdtemp(prefix="dvt-test-artefacts-")
+os.environ.setdefault("DVT_FIGURES_DIR", os.path.join(_scratch, "figures"))
+os.environ.setdefault("DVT_TABLES_DIR", os.path.join(_scratch, "tables"))
