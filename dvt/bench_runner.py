@@ -34,21 +34,29 @@ def measure_many(items: list[tuple[BenchCase, dict]], # the rows: (case, params)
     device = torch.device(device)
     if dtype not in DTYPES: raise ValueError(f"dtype={dtype!r} is unknown; use one of {list(DTYPES)}.")
     info = info or machine_info(device)
-    ws = [case.build(device=device, dtype=dtype, **params) for case, params in items]
+    ws, built = [], []
+    for case, params in items:
+        t0 = time.perf_counter(); ws.append(case.build(device=device, dtype=dtype, **params)); built.append(time.perf_counter() - t0)
     cap = lambda v, m: v if m is None else min(v, m)
     ts = time_fns([w.fn for w in ws], device, [cap(warmup, w.max_warmup) for w in ws], [cap(repeats, w.max_repeats) for w in ws],
                   max_seconds)
     rows = []
-    for (case, params), w, t in zip(items, ws, ts):
+    for (case, params), w, t, b in zip(items, ws, ts, built):
         others = [c.name if c is not case else c.key(q) for c, q in items if (c, q) != (case, params)]
-        row = timed_row(case, params, w, t, device, dtype, info, others)
+        row = timed_row(case, params, w, t, device, dtype, info, others, b)
         rows.append(probe_row(row, w, device, peaks))
     return rows
 
-# %% ../nbs/06g_bench_runner.ipynb #0c237c9c
-def timed_row(case: BenchCase, params: dict, w: Workload, t: Timing, device: torch.device, dtype: str, info: dict,
-              others: list[str] = ()) -> dict:
-    "The measured row of `case` with `params` from its workload `w` and timing `t` (`others`: rows timed in alternation with it)."
+# %% ../nbs/06g_bench_runner.ipynb #1a463a20
+def timed_row(case: BenchCase, # the row's case
+              params: dict, # its parameters
+              w: Workload, # what was timed
+              t: Timing, # the timing
+              device: torch.device, dtype: str, info: dict, # where, in which precision, on which machine
+              others: list[str] = (), # rows timed in alternation with it
+              build_s: float | None = None # seconds the build took (its first call included: compilation, for a compiled row)
+             ) -> dict:
+    "The measured row of `case` with `params` from its workload `w` and timing `t`."
     row = blank_row(case=case.name, config=config_str(params), status="measured", device=device.type, dtype=w.dtype or dtype,
                     shape=w.shape, items=w.items, unit=f"{w.unit}/s", throughput=w.items / t.median, median_s=t.median, q1_s=t.q1,
                     q3_s=t.q3, iqr_s=t.iqr, best_s=t.best, warmup=t.warmup, repeats=len(t.times), baseline=case.baseline_key(params),
@@ -56,6 +64,7 @@ def timed_row(case: BenchCase, params: dict, w: Workload, t: Timing, device: tor
                     **{k: info.get(k, "") for k in ("machine", "cpu", "cores", "torch_threads", "gpu", "cuda", "torch", "timm")},
                     load_1m=load_average(), timestamp=now_utc())
     extra = [w.derive(row["throughput"])] if w.derive else []
+    if build_s is not None: extra.append(f"built in {build_s:.3g} s (first call included)")
     if others: extra.append("timed in alternation with " + ", ".join(f"`{o}`" for o in others))
     row["note"] = "; ".join(x for x in [w.note, *extra] if x)
     return row
