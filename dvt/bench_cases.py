@@ -68,7 +68,11 @@ def shapes(*ts) -> str:
     "Shapes of tensors as `(a,b) → (c,d)` for a row's `shape` column."
     return " → ".join("(" + ",".join(map(str, t.shape)) + ")" for t in ts)
 
-def rand_images(n: int, size: int, device, seed: int = 0) -> torch.Tensor:
+def rand_images(n: int, # how many
+                size: int, # side in pixels
+                device, # where they are returned
+                seed: int = 0 # the local generator's seed
+               ) -> torch.Tensor:
     "`n` random images `(n, 3, size, size)` in [0, 1] from a local generator, on `device`."
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
 
@@ -78,7 +82,12 @@ def rand_images(n: int, size: int, device, seed: int = 0) -> torch.Tensor:
     "cpu": [dict(model=S14, size=224, batch=4), dict(model=S14, size=518, batch=1), dict(model=B14, size=224, batch=4),
             dict(model=B14, size=518, batch=1), dict(model="planted", size=512, batch=4)],
     "gpu": [dict(model=B14, size=518, batch=64)]})
-def backbone_case(device, dtype, model, size, batch):
+def backbone_case(device, # where the row runs
+                  dtype: str, # the weights' precision
+                  model: str, # a timm name (random init) or 'planted'
+                  size: int, # image side in pixels
+                  batch: int # images per call
+                 ):
     "Raw backbone forward of `batch` random images at `size`² (images/s)."
     bb = bench_backbone(model, device, dtype)
     x = rand_images(batch, size, device)
@@ -97,7 +106,12 @@ def same_params(case: str):
     "tiny": [dict(model=S14, size=56, batch=1)],
     "cpu": [dict(model=S14, size=224, batch=4), dict(model=S14, size=518, batch=1), dict(model=B14, size=518, batch=1)],
     "gpu": [dict(model=B14, size=518, batch=64)]})
-def denoised_case(device, dtype, model, size, batch):
+def denoised_case(device, # where the row runs
+                  dtype: str, # the weights' precision (backbone and denoiser)
+                  model: str, # a timm name (random init) or 'planted'
+                  size: int, # image side in pixels
+                  batch: int # images per call
+                 ):
     "Forward of `DenoisedBackbone(backbone, Denoiser(C, grid))` on `batch` images at `size`² (images/s)."
     from dvt.denoiser import Denoiser, DenoisedBackbone
     bb = bench_backbone(model, device, dtype)
@@ -110,8 +124,12 @@ def denoised_case(device, dtype, model, size, batch):
     y = fn()
     return Workload(fn, batch, "images", shapes(x, y), modules=(db,), inputs=(x,), dtype=weights_dtype(model, dtype))
 
-# %% ../nbs/06e_bench_cases.ipynb #24080ae3
-def stage1_settings(preset: str, compile: str = "off", device: torch.device | str = "cpu", **overrides):
+# %% ../nbs/06e_bench_cases.ipynb #b6ea2626
+def stage1_settings(preset: str, # a stage-1 preset name ('paper', 'default', 'smoke')
+                    compile: str = "off", # stage 1's execution mode: 'off' (eager), 'auto' (torch.compile), 'graph' (CUDA graphs)
+                    device: torch.device | str = "cpu", # where the row will run
+                    **overrides # other stage-1 settings (e.g. steps)
+                   ):
     "`stage1_config(preset, **overrides)` in the execution mode `compile`; `NotAvailable` when this dvt or `device` cannot run it."
     from dvt.stage1 import Stage1Config, stage1_config
     if compile == "graph" and torch.device(device).type != "cuda":
@@ -133,7 +151,13 @@ def _autocast_dtype(dtype: str) -> str:
     "tiny": [dict(model=S14, size=56, preset="smoke", views=3)],
     "cpu": [dict(model=S14, size=224, preset="smoke", views=9), dict(model=B14, size=518, preset="paper", views=4)],
     "gpu": [dict(model=B14, size=518, preset="paper", views=769)]})
-def stage1_extract_case(device, dtype, model, size, preset, views):
+def stage1_extract_case(device, # where the row runs
+                        dtype: str, # the autocast precision (weights stay float32)
+                        model: str, # a timm name (random init) or 'planted'
+                        size: int, # image side in pixels
+                        preset: str, # the stage-1 preset (crop settings, extraction batch)
+                        views: int # views per call, the full image included
+                       ):
     "Stage 1's `extract_views`: render `views` random crops of one image and run the backbone on them (views/s)."
     from dvt.stage1 import extract_views
     from dvt.views import make_views
@@ -165,7 +189,16 @@ FIT_GPU = dict(preset="paper", dim=768, grid=37, views=769, steps=100)   # DINOv
             dict(preset="paper", dim=768, grid=37, views=16, steps=10, images=1, compile="off")],
     "gpu": [*(dict(FIT_GPU, images=k, compile="off") for k in (1, 4, 8)),        # cheapest first: the budget cuts the last
             *(dict(FIT_GPU, images=k, compile=m) for m, k in (("graph", 1), ("graph", 8), ("auto", 1), ("graph", 4)))]})
-def stage1_fit_case(device, dtype, preset, dim, grid, views, steps, images=1, compile="off"):
+def stage1_fit_case(device, # where the row runs
+                    dtype: str, # ignored: the fit runs in float32
+                    preset: str, # the stage-1 preset (field sizes, tokens per step, optimiser)
+                    dim: int, # token width C
+                    grid: int, # token grid side (37 for a /14 backbone at 518²)
+                    views: int, # views in each image's token pool
+                    steps: int, # optimiser steps per call
+                    images: int = 1, # K: images fitted together
+                    compile: str = "off" # stage 1's execution mode: 'off', 'auto' or 'graph'
+                   ):
     "Stage 1's fit loop: `steps` Adam steps of `images` stacked noise models of `preset` in mode `compile`, each on a `views`-view pool of `grid`² `dim`-d tokens (image-steps/s)."
     cfg = stage1_settings(preset, compile, device, steps=steps)
     stack, y, coords, gens = fit_inputs(cfg, dim, grid, views, images, device)
@@ -180,8 +213,14 @@ def stage1_fit_case(device, dtype, preset, dim, grid, views, steps, images=1, co
                     extrapolate=lambda t: full * t / (steps * images),
                     note=f"extrapolated column: fit s/image at the preset's {full:,} steps = {full:,} × median / ({steps} steps × {images} images)")
 
-# %% ../nbs/06e_bench_cases.ipynb #6879a1bc
-def fit_inputs(cfg, dim: int, grid: int, views: int, images: int, device):
+# %% ../nbs/06e_bench_cases.ipynb #26502071
+def fit_inputs(cfg, # the stage-1 config
+               dim: int, # token width C
+               grid: int, # token grid side
+               views: int, # views per pool
+               images: int, # K
+               device # where the fit runs
+              ):
     "A fit's inputs for `images` images: the stacked noise models, token pools `(K, M, C)`, view coordinates `(K, M, 2)`, generators."
     from dvt.stage1 import field_resolutions
     from dvt.fields import NoiseModel, NoiseModelStack
@@ -200,8 +239,13 @@ def fit_inputs(cfg, dim: int, grid: int, views: int, images: int, device):
     gens = [torch.Generator(device).manual_seed(1 + k) for k in range(images)]
     return stack, y, coords, gens
 
-# %% ../nbs/06e_bench_cases.ipynb #42ae96c3
-def fit_call(stack: nn.Module, y: torch.Tensor, coords: torch.Tensor, hw: int, gens: list):
+# %% ../nbs/06e_bench_cases.ipynb #e6bc616b
+def fit_call(stack: nn.Module, # the K stacked noise models
+             y: torch.Tensor, # token pools (K, M, C)
+             coords: torch.Tensor, # view coordinates (K, M, 2)
+             hw: int, # tokens per view
+             gens: list # one generator per image (token draws)
+            ):
     "`fit(cfg)`: one run of stage 1's fit loop on these inputs, each run from the same trainable set (a run freezes G at the switch)."
     from dvt.stage1 import _fit
     trainable = [q.requires_grad for q in stack.parameters()]
@@ -210,7 +254,11 @@ def fit_call(stack: nn.Module, y: torch.Tensor, coords: torch.Tensor, hw: int, g
         return _fit(stack, y, coords, hw, cfg, gens)
     return fit
 
-def fit_bytes(n_params: int, steps: int, tokens: int, dim: int) -> int:
+def fit_bytes(n_params: int, # float32 parameters of one image's model
+              steps: int, # optimiser steps
+              tokens: int, # tokens drawn per step
+              dim: int # token width C
+             ) -> int:
     "Minimal bytes of `steps` dense-Adam steps on `n_params` float32 parameters: params, grads and two moments read and written, tokens read."
     return steps * (8 * 4 * n_params + tokens * (dim + 2) * 4)
 
@@ -224,7 +272,14 @@ def image_baseline(p: dict):
     "tiny": [dict(model="planted", size=64, preset="smoke", n_views=2, steps=4, images=k) for k in (1, 2)],
     "cpu": [dict(model=S14, size=224, preset="smoke", images=1),
             *(dict(model="planted", size=512, preset="smoke", images=k) for k in (1, 4))]})
-def stage1_image_case(device, dtype, model, size, preset, images=1, **overrides):
+def stage1_image_case(device, # where the row runs
+                      dtype: str, # the extraction's autocast precision
+                      model: str, # a timm name (random init) or 'planted'
+                      size: int, # image side in pixels
+                      preset: str, # the stage-1 preset
+                      images: int = 1, # K: images fitted together
+                      **overrides # other stage-1 settings (e.g. n_views, steps)
+                     ):
     "Stage 1 end to end on `images` random images at `size`² with `preset` (and `overrides`), fitted together when > 1 (images/s)."
     from dvt.stage1 import denoise_images
     bb = bench_backbone(model, device, "float32")
@@ -247,7 +302,14 @@ SRT_PLANS = {
     "gpu": [dict(model=B14, size=518, images=8, radius=r, batch=64) for r in (1, 3)]}
 
 @bench_case("srt_plain", "SRT baseline: N plain forwards (no shifting, no aggregation)", plans=SRT_PLANS)
-def srt_plain_case(device, dtype, model, size, images, radius, batch):
+def srt_plain_case(device, # where the row runs
+                   dtype: str, # the weights' precision
+                   model: str, # a timm name (random init) or 'planted'
+                   size: int, # image side in pixels
+                   images: int, # images per call
+                   radius: int, # r: N = (2r+1)² forwards per image
+                   batch: int # views per forward
+                  ):
     "The forwards SRT cannot avoid: each of `images` images `N = (2·radius+1)²` times, `batch` per call (images/s)."
     bb, x, n = bench_backbone(model, device, dtype), rand_images(images, size, device), (2 * radius + 1) ** 2
     order = torch.arange(images * n, device=device) // n                                   # image of each of the B·N views
@@ -262,7 +324,14 @@ def srt_plain_case(device, dtype, model, size, images, radius, batch):
 # %% ../nbs/06e_bench_cases.ipynb #84d7c6aa
 @bench_case("srt", "SRT: `srt(backbone, images, radius)` with N = (2r+1)² shifts", baseline=same_params("srt_plain"),
             goal="≥ 0.9× baseline, memory flat in N", plans=SRT_PLANS)
-def srt_case(device, dtype, model, size, images, radius, batch):
+def srt_case(device, # where the row runs
+             dtype: str, # the weights' precision
+             model: str, # a timm name (random init) or 'planted'
+             size: int, # image side in pixels
+             images: int, # images per call
+             radius: int, # r: N = (2r+1)² shifts per image
+             batch: int # views per forward
+            ):
     "`srt` with `N = (2·radius+1)²` shifts, mean aggregation to the token grid, `batch` views per forward (images/s)."
     from dvt.resonance import srt
     bb, x, n = bench_backbone(model, device, dtype), rand_images(images, size, device), (2 * radius + 1) ** 2

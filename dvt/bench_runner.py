@@ -52,7 +52,9 @@ def timed_row(case: BenchCase, # the row's case
               params: dict, # its parameters
               w: Workload, # what was timed
               t: Timing, # the timing
-              device: torch.device, dtype: str, info: dict, # where, in which precision, on which machine
+              device: torch.device, # where it ran
+              dtype: str, # the precision asked for
+              info: dict, # the machine record
               others: list[str] = (), # rows timed in alternation with it
               build_s: float | None = None # seconds the build took (its first call included: compilation, for a compiled row)
              ) -> dict:
@@ -69,7 +71,11 @@ def timed_row(case: BenchCase, # the row's case
     row["note"] = "; ".join(x for x in [w.note, *extra] if x)
     return row
 
-def probe_row(row: dict, w: Workload, device: torch.device, peaks=None) -> dict:
+def probe_row(row: dict, # a measured row, filled in place
+              w: Workload, # its workload
+              device: torch.device, # where it runs
+              peaks=None # device peaks (or dtype -> peaks); None: no floor
+             ) -> dict:
     "Fill `row`'s memory columns (one more call) and, with `peaks`, its floor columns (FLOPs and bytes of one call)."
     if w.memory:
         mem, how = peak_memory(w.fn, device); row.update(peak_mem_mib=mem / 2**20, mem_method=how)
@@ -82,8 +88,13 @@ def probe_row(row: dict, w: Workload, device: torch.device, peaks=None) -> dict:
                floor_s=fl, over_floor=row["median_s"] / fl if fl > 0 else "")
     return row
 
-# %% ../nbs/06g_bench_runner.ipynb #486a91f3
-def measure(case: BenchCase | str, params: dict, device: torch.device | str = "cpu", dtype: str = "float32", **kw) -> dict:
+# %% ../nbs/06g_bench_runner.ipynb #4a979c66
+def measure(case: BenchCase | str, # a case, or its name in the default case sources
+            params: dict, # the row's parameters
+            device: torch.device | str = "cpu", # where it runs
+            dtype: str = "float32", # the precision asked for
+            **kw # as for `measure_many`: warmup, repeats, max_seconds, peaks, info
+           ) -> dict:
     "Build, time and probe one row of `case` (a `BenchCase`, or a name in the default case sources) with `params`; `kw` as for `measure_many`."
     if isinstance(case, str):
         known = load_cases()
@@ -91,8 +102,14 @@ def measure(case: BenchCase | str, params: dict, device: torch.device | str = "c
         case = known[case]
     return measure_many([(case, params)], device, dtype, **kw)[0]
 
-# %% ../nbs/06g_bench_runner.ipynb #e977527f
-def failed_row(case: BenchCase, params: dict, e: BaseException, dtype: str, device: torch.device, info: dict) -> dict:
+# %% ../nbs/06g_bench_runner.ipynb #68369ad7
+def failed_row(case: BenchCase, # the row's case
+               params: dict, # its parameters
+               e: BaseException, # what it raised
+               dtype: str, # the precision asked for
+               device: torch.device, # where it ran
+               info: dict # the machine record
+              ) -> dict:
     "The row of `case` with `params` that raised `e`: 'not available' for `NotAvailable`, else 'failed', with the error in `note`."
     na = isinstance(e, NotAvailable)
     print(f"[dvt_bench] {case.key(params)} {'not available' if na else 'failed'}: {type(e).__name__}: {e}", file=sys.stderr)
@@ -100,7 +117,11 @@ def failed_row(case: BenchCase, params: dict, e: BaseException, dtype: str, devi
                      device=device.type, machine=info["machine"], baseline=case.baseline_key(params), goal=case.goal,
                      note=str(e)[:300] if na else f"{type(e).__name__}: {str(e)[:300]}", timestamp=now_utc())
 
-def skipped_row(case: BenchCase, params: dict, dtype: str, reason: str) -> dict:
+def skipped_row(case: BenchCase, # the row's case
+                params: dict, # its parameters
+                dtype: str, # the precision it would run in
+                reason: str # why it was not run
+               ) -> dict:
     "A planned row that was not run: 'not measured', with `reason`."
     return blank_row(case=case.name, config=config_str(params), status="not measured", dtype=dtype, machine="—",
                      baseline=case.baseline_key(params), goal=case.goal, note=reason, timestamp=now_utc())
@@ -207,7 +228,11 @@ def peak_table(device: torch.device) -> Callable[[str], DevicePeaks]:
     peaks.cache = cache
     return peaks
 
-def run_notes(rows: list[dict], info: dict, s: dict, peaks=None) -> list[str]:
+def run_notes(rows: list[dict], # the table so far
+              info: dict, # the run's machine record
+              s: dict, # the run's settings (`run_settings`)
+              peaks=None # the run's peak table, or None without a floor
+             ) -> list[str]:
     "Header lines of a run's table: budgets, the floor's peaks (or why there is no floor), the load while measuring."
     L = [f"Settings: warm-up {s['warmup']}, repeats {s['repeats']}, a row stops repeating after {s['max_seconds']} s timed; "
          f"time limit {s['row_budget']} s per row, {s['budget']} s per run (None: none)."]

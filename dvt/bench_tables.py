@@ -87,9 +87,13 @@ def write_results(rows: list[dict], # the table's rows
     atomic_write(csv_path, buf.getvalue()); atomic_write(md_path, render_markdown(rows, info, titles, title, notes))
     return csv_path, md_path
 
-# %% ../nbs/06f_bench_tables.ipynb #5a1f0d46
-def render_markdown(rows: list[dict], info: dict, titles: dict | None = None, title: str = "dvt benchmarks",
-                    notes: list[str] = ()) -> str:
+# %% ../nbs/06f_bench_tables.ipynb #f05b4f8c
+def render_markdown(rows: list[dict], # the table's rows
+                    info: dict, # the machine record of the run ({} for planned rows)
+                    titles: dict | None = None, # case name -> section heading, in table order
+                    title: str = "dvt benchmarks", # the Markdown title
+                    notes: list[str] = () # lines under the title
+                   ) -> str:
     "The readable table: a header naming the machine and method, one table per case, then the stage-1 summary."
     titles = titles or {}
     L = [f"# {title}", "", *[f"{n}  " for n in notes], "", *machine_lines(rows, info), "",

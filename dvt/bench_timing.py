@@ -73,8 +73,12 @@ def timed_call(fn: Callable[[], Any], device: torch.device) -> float:
         return start.elapsed_time(end) / 1e3
     t0 = time.perf_counter(); fn(); sync(device); return time.perf_counter() - t0
 
-def time_fn(fn: Callable[[], Any], device: torch.device | str = "cpu", warmup: int = 1, repeats: int = 5,
-            max_seconds: float | None = None) -> Timing:
+def time_fn(fn: Callable[[], Any], # the call to time, without arguments
+            device: torch.device | str = "cpu", # the device to synchronise
+            warmup: int = 1, # untimed calls first
+            repeats: int = 5, # timed calls
+            max_seconds: float | None = None # stop repeating once this much was timed (at least one call)
+           ) -> Timing:
     "Time `fn()`: `warmup` untimed calls, then `repeats` device-synchronised timed calls (fewer once `max_seconds` is spent, at least 1)."
     return time_fns([fn], device, warmup, repeats, max_seconds)[0]
 
