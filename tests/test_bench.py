@@ -113,12 +113,25 @@ def test_compile_mode_is_passed_through_or_not_available(monkeypatch):
     seen = {}
     monkeypatch.setattr(dvt.stage1, "Stage1Config", with_opt)
     monkeypatch.setattr(dvt.stage1, "stage1_config", lambda preset, **kw: seen.update(kw) or with_opt(**kw))
-    fct.test_eq(stage1_settings("paper", "auto", "cpu", steps=5).compile, "auto"); fct.test_eq(seen, dict(compile="auto", steps=5))
+    fct.test_eq(stage1_settings("paper", "on", "cpu", steps=5).compile, "on"); fct.test_eq(seen, dict(compile="on", steps=5))
     fct.test_fail(lambda: stage1_settings("paper", "graph", "cpu"), contains="needs a CUDA device")
     without = dataclass(type("Cfg", (), {"__annotations__": {"steps": int}, "steps": 1}))
     monkeypatch.setattr(dvt.stage1, "Stage1Config", without)
-    with pytest.raises(NotAvailable, match="no `compile` option"): stage1_settings("paper", "auto", "cpu")
+    with pytest.raises(NotAvailable, match="no `compile` option"): stage1_settings("paper", "on", "cpu")
     fct.test_eq(stage1_settings("paper", "off", "cpu", steps=3).steps, 3)          # eager needs no option
+
+
+def test_fit_rows_call_fit_stack_and_refuse_a_silent_eager_fallback(monkeypatch):
+    "A fit row runs stage 1's `fit_stack` on its first call (the compilation) and fails when stage 1 warns it fitted eagerly instead."
+    import warnings
+    from dvt.bench_cases import stage1_fit_case
+    calls = []
+    def fake(stack, y, coords, hw, cfg, seeds):
+        calls.append((tuple(y.shape), list(seeds))); warnings.warn("stage 1: compile='on' failed (boom); fitting eagerly.")
+    monkeypatch.setattr(dvt.stage1, "fit_stack", fake, raising=False)
+    fct.test_fail(lambda: stage1_fit_case("cpu", "float32", preset="smoke", dim=8, grid=3, views=2, steps=2, images=2),
+                  contains="did not run as asked")
+    fct.test_eq(calls, [((2, 2 * 9, 8), [1, 2])])
 
 
 def test_suite_case_refuses_to_recurse(monkeypatch):
@@ -147,7 +160,7 @@ def test_profiles_plan_the_issue_rows():
     assert any(r.startswith("srt_plain:") and "radius=3" in r and "vit_base" in r for r in gpu)
     assert any(r.startswith("stage1_extract:") and "views=769" in r and "preset=paper" in r for r in gpu)
     fit = {(p["compile"], p["images"]) for c, p in plan_rows("gpu", ["stage1_fit"])}
-    assert {("off", 1), ("off", 4), ("off", 8), ("auto", 1), ("graph", 1), ("graph", 4), ("graph", 8)} <= fit, fit
+    assert {("off", 1), ("off", 4), ("off", 8), ("on", 1), ("graph", 1), ("graph", 4), ("graph", 8)} <= fit, fit
     for c in load_cases().values():
         assert c.opt_in or all(c.plans.get(p) for p in ("tiny", "cpu")), c.name
 
