@@ -136,7 +136,7 @@ def _autocast_dtype(dtype: str) -> str:
     return dtype
 
 @bench_case("stage1_extract", "Stage 1: feature extraction of the views (render + backbone)", plans={
-    "tiny": [dict(model=S14, size=56, preset="smoke", views=3)],
+    "tiny": [dict(model=S14, size=56, preset="smoke", views=2)],             # the fit rows' view count: a stage-1 summary
     "cpu": [dict(model=S14, size=224, preset="smoke", views=9), dict(model=B14, size=518, preset="paper", views=4)],
     "gpu": [dict(model=B14, size=518, preset="paper", views=769)]})
 def stage1_extract_case(device, # where the row runs

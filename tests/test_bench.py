@@ -58,6 +58,7 @@ def test_every_case_runs_tiny_with_floor(tmp_path):
     md = (tmp_path / "r.md").read_text()
     for c, _ in plan: assert c.title in md, c.name
     assert "CPU" in md and torch.__version__ in md and "**not available**" in md
+    assert "## Stage 1 per image, full recipe (derived)" in md                 # measured extraction + extrapolated fit
 
 
 def test_floor_is_left_empty_on_cpu_by_default(tmp_path):
