@@ -178,6 +178,9 @@ def run_bench(profile: str = "cpu", # one of BENCH_PROFILES: the rows' sizes and
         write_results(rows, stem, {}, titles, f"dvt benchmarks — profile `{profile}`", head + [f"**Not measured**: {reason or 'planned rows only'}."])
         return rows
     dev = pick_device(device)
+    if profile == "gpu" and dev.type != "cuda" and device in (None, "auto"):
+        raise RuntimeError("the gpu profile's rows are sized for a GPU and no CUDA device is here; use profile 'cpu' or 'tiny', "
+                           "dry_run=True to plan the GPU rows, or device='cpu' to run them on this CPU anyway.")
     info, t0 = machine_info(dev), time.monotonic()
     peaks = peak_table(dev) if s["floor"] == "on" or (s["floor"] == "auto" and dev.type == "cuda") else None
     if peaks is not None: peaks(s["dtype"])                                       # measured up front, within the run's budget

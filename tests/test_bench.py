@@ -151,6 +151,7 @@ def test_bad_arguments_name_the_fix(tmp_path):
     fct.test_fail(lambda: time_fn(lambda: None, warmup=-1), contains="warmup")
     if not torch.cuda.is_available():
         fct.test_fail(lambda: run_bench("tiny", device="cuda", out=tmp_path / "x"), contains="not available")
+        fct.test_fail(lambda: run_bench("gpu", out=tmp_path / "x"), contains="dry_run=True")     # GPU-sized rows, no GPU
 
 
 def test_profiles_plan_the_issue_rows():
