@@ -18,7 +18,7 @@ BENCH_PROFILES = ("tiny", "cpu", "gpu")
 PROFILE_DEFAULTS = {
     "tiny": dict(dtype="float32", warmup=0, repeats=1, max_seconds=None, row_budget=None, budget=None),
     "cpu": dict(dtype="float32", warmup=1, repeats=5, max_seconds=60.0, row_budget=900.0, budget=None),
-    "gpu": dict(dtype="bfloat16", warmup=3, repeats=20, max_seconds=10.0, row_budget=110.0, budget=450.0)}
+    "gpu": dict(dtype="bfloat16", warmup=3, repeats=20, max_seconds=10.0, row_budget=150.0, budget=450.0)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 class NotAvailable(Exception):
