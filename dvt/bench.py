@@ -42,7 +42,7 @@ def bench_parser() -> argparse.ArgumentParser:
     ap.add_argument("--list", action="store_true", help="print the planned rows and exit")
     return ap
 
-# %% ../nbs/06_bench.ipynb #2eb45b92
+# %% ../nbs/06_bench.ipynb #dacbd6ea
 def bench_cli(argv: list[str] | None = None):
     "Console entry point `dvt_bench`: time dvt's stages and write benchmarks/results_<profile>.csv and .md; exit 1 if a row failed."
     a = bench_parser().parse_args(argv)

@@ -16,7 +16,7 @@ from .bench_registry import DTYPES, NotAvailable, Workload, bench_case
 from .bench_roofline import count_flops, tensor_bytes
 
 # %% auto #0
-__all__ = ['S14', 'B14', 'L14', 'FIT_GPU', 'SRT_PLANS', 'SUITE_ENV', 'bench_backbone', 'backbone_cache', 'weights_dtype',
+__all__ = ['S14', 'B14', 'L14', 'FIT_GPU', 'SRT_PLANS', 'SUITE_ENV', 'bench_backbone', 'weights_dtype', 'backbone_cache',
            'shapes', 'rand_images', 'backbone_case', 'same_params', 'denoised_case', 'stage1_settings',
            'stage1_extract_case', 'fit_baseline', 'stage1_fit_case', 'fit_inputs', 'fit_call', 'first_call',
            'fit_bytes', 'image_baseline', 'stage1_image_case', 'srt_plain_case', 'srt_case', 'suite_case',
@@ -40,17 +40,17 @@ def bench_backbone(spec: str, device: torch.device | str = "cpu", dtype: str = "
         cache[key] = bb
     return bb
 
-# %% ../nbs/06e_bench_cases.ipynb #a5cb8e43
+def weights_dtype(model: str, dtype: str) -> str:
+    "The dtype `bench_backbone` gives `model`'s weights: `dtype`, except float32 for the synthetic `planted` backbone."
+    return "float32" if model.startswith("planted") else dtype
+
+# %% ../nbs/06e_bench_cases.ipynb #73242e1a
 @contextmanager
 def backbone_cache():
     "Within the block, `bench_backbone` reuses the two most recently built backbones (the cache ends with the block)."
     token = _CACHE.set({})
     try: yield
     finally: _CACHE.reset(token)
-
-def weights_dtype(model: str, dtype: str) -> str:
-    "The dtype `bench_backbone` gives `model`'s weights: `dtype`, except float32 for the synthetic `planted` backbone."
-    return "float32" if model.startswith("planted") else dtype
 
 def shapes(*ts) -> str:
     "Shapes of tensors as `(a,b) → (c,d)` for a row's `shape` column."
@@ -64,7 +64,7 @@ def rand_images(n: int, # how many
     "`n` random images `(n, 3, size, size)` in [0, 1] from a local generator, on `device`."
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
 
-# %% ../nbs/06e_bench_cases.ipynb #40651353
+# %% ../nbs/06e_bench_cases.ipynb #c8f4b2e1
 @bench_case("backbone", "Backbone forward (raw ViT, random init)", plans={
     "tiny": [dict(model=S14, size=56, batch=1), dict(model="planted", size=64, batch=1)],
     "cpu": [dict(model=S14, size=224, batch=4), dict(model=S14, size=518, batch=1), dict(model=B14, size=224, batch=4),
@@ -84,7 +84,7 @@ def backbone_case(device, # where the row runs
     y = fn()
     return Workload(fn, batch, "images", shapes(x, y), modules=(bb,), inputs=(x,), dtype=weights_dtype(model, dtype))
 
-# %% ../nbs/06e_bench_cases.ipynb #080cbf95
+# %% ../nbs/06e_bench_cases.ipynb #5144867d
 def same_params(case: str):
     "A baseline rule: the row of `case` with the same parameters."
     return lambda p: (case, p)
@@ -112,7 +112,7 @@ def denoised_case(device, # where the row runs
     y = fn()
     return Workload(fn, batch, "images", shapes(x, y), modules=(db,), inputs=(x,), dtype=weights_dtype(model, dtype))
 
-# %% ../nbs/06e_bench_cases.ipynb #51db0ffc
+# %% ../nbs/06e_bench_cases.ipynb #eff703e0
 def stage1_settings(preset: str, # a stage-1 preset name ('paper', 'default', 'smoke')
                     compile: str = "off", # stage 1's execution mode: 'off' (eager), 'on' (torch.compile), 'graph' (CUDA graphs)
                     device: torch.device | str = "cpu", # where the row will run
@@ -130,7 +130,7 @@ def stage1_settings(preset: str, # a stage-1 preset name ('paper', 'default', 's
         if "compile" not in str(e): raise
         raise NotAvailable(f"compile={compile!r}: stage 1 refuses it ({e})") from e
 
-# %% ../nbs/06e_bench_cases.ipynb #c8504dfc
+# %% ../nbs/06e_bench_cases.ipynb #4c9f88c3
 def _autocast_dtype(dtype: str) -> str:
     if dtype == "float16": raise ValueError("stage 1 extracts in float32 or bfloat16; use --dtype float32 or bfloat16.")
     return dtype
@@ -160,7 +160,7 @@ def stage1_extract_case(device, # where the row runs
     return Workload(fn, views, "views", f"{views}×(3,{size},{size}) → {shapes(y)}", modules=(bb,), inputs=(img,),
                     max_warmup=1, max_repeats=5, note=f"batch {batch}, weights float32, autocast {dtype}")
 
-# %% ../nbs/06e_bench_cases.ipynb #a32e9717
+# %% ../nbs/06e_bench_cases.ipynb #a2ac9e48
 def fit_baseline(p: dict):
     "A fit row is compared with the eager fit of one image (same preset and sizes)."
     b = {**p, "images": 1, "compile": "off"}
@@ -202,7 +202,7 @@ def stage1_fit_case(device, # where the row runs
                     extrapolate=lambda t: full * t / (steps * images),
                     note=f"extrapolated column: fit s/image at the preset's {full:,} steps = {full:,} × median / ({steps} steps × {images} images)")
 
-# %% ../nbs/06e_bench_cases.ipynb #aaf261a9
+# %% ../nbs/06e_bench_cases.ipynb #e85bcbe1
 def fit_inputs(cfg, # the stage-1 config
                dim: int, # token width C
                grid: int, # token grid side
@@ -227,7 +227,7 @@ def fit_inputs(cfg, # the stage-1 config
     stack = NoiseModelStack([m.to(device) for m in models])
     return stack, y, coords, [1 + k for k in range(images)]
 
-# %% ../nbs/06e_bench_cases.ipynb #c18c2af9
+# %% ../nbs/06e_bench_cases.ipynb #6a56bda2
 def fit_call(stack: nn.Module, # the K stacked noise models
              y: torch.Tensor, # token pools (K, M, C)
              coords: torch.Tensor, # view coordinates (K, M, 2)
@@ -258,7 +258,7 @@ def fit_bytes(n_params: int, # float32 parameters of one image's model
     "Minimal bytes of `steps` dense-Adam steps on `n_params` float32 parameters: params, grads and two moments read and written, tokens read."
     return steps * (8 * 4 * n_params + tokens * (dim + 2) * 4)
 
-# %% ../nbs/06e_bench_cases.ipynb #d6012dd9
+# %% ../nbs/06e_bench_cases.ipynb #233a9b28
 def image_baseline(p: dict):
     "An end-to-end row over several images fitted together is compared with the same row for one image."
     return ("stage1_image", {**p, "images": 1}) if p.get("images", 1) > 1 else None
@@ -290,7 +290,7 @@ def stage1_image_case(device, # where the row runs
                     max_warmup=0, max_repeats=3, floor=False,  # the build call above was the warm-up
                     derive=lambda r: f"{1 / r:,.2f} s/image; last call, per image: extract {last['extract']:.2f} s, fit {last['fit']:.2f} s")
 
-# %% ../nbs/06e_bench_cases.ipynb #75611e9c
+# %% ../nbs/06e_bench_cases.ipynb #05a0fd39
 SRT_PLANS = {
     "tiny": [dict(model=S14, size=56, images=1, radius=1, batch=9)],
     "cpu": [*(dict(model=S14, size=224, images=1, radius=r, batch=8) for r in (0, 1, 2)),
@@ -317,7 +317,7 @@ def srt_plain_case(device, # where the row runs
     return Workload(fn, images, "images", f"({images * n},3,{size},{size}) → ({images * n},{','.join(map(str, y.shape[1:]))}), {batch} per forward",
                     modules=(bb,), inputs=(x,), dtype=weights_dtype(model, dtype))
 
-# %% ../nbs/06e_bench_cases.ipynb #49ca1680
+# %% ../nbs/06e_bench_cases.ipynb #78557af0
 @bench_case("srt", "SRT: `srt(backbone, images, radius)` with N = (2r+1)² shifts", baseline=same_params("srt_plain"),
             goal="≥ 0.9× baseline, memory flat in N", plans=SRT_PLANS)
 def srt_case(device, # where the row runs
@@ -336,7 +336,7 @@ def srt_case(device, # where the row runs
     return Workload(fn, images, "images", f"{images}×{n} shifts of (3,{size},{size}) → {shapes(y)}", modules=(bb,), inputs=(x,),
                     dtype=weights_dtype(model, dtype))
 
-# %% ../nbs/06e_bench_cases.ipynb #13b17c3f
+# %% ../nbs/06e_bench_cases.ipynb #f705fe06
 SUITE_ENV = "DVT_BENCH_SUITE_CHILD"
 
 @bench_case("test_suite", "CPU smoke test suite (total time of `pytest`)", opt_in=True, plans={p: [dict(cmd="pytest -q")] for p in ("tiny", "cpu", "gpu")})
@@ -353,7 +353,7 @@ def suite_case(device, dtype, cmd):
     return Workload(fn, 1, "suites", f"`{cmd}` in {root.name}/", max_warmup=0, max_repeats=1, memory=False, floor=False,
                     derive=lambda _: f"exit code {result.get('rc')}: {result.get('tail', '')}")
 
-# %% ../nbs/06e_bench_cases.ipynb #655576ef
+# %% ../nbs/06e_bench_cases.ipynb #006b9864
 def stage_cases() -> list:
     "The benchmark cases of the dvt stages, in table order (a case source: `'dvt.bench_cases:stage_cases'`)."
     return [backbone_case, denoised_case, srt_plain_case, srt_case, stage1_extract_case, stage1_fit_case, stage1_image_case,

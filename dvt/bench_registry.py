@@ -10,8 +10,8 @@ from typing import Any, Callable
 import torch
 
 # %% auto #0
-__all__ = ['BENCH_PROFILES', 'PROFILE_DEFAULTS', 'DTYPES', 'CASE_SOURCES', 'NotAvailable', 'Workload', 'BenchCase', 'bench_case',
-           'config_str', 'load_cases', 'case_source', 'plan_rows', 'plan_groups']
+__all__ = ['BENCH_PROFILES', 'PROFILE_DEFAULTS', 'DTYPES', 'CASE_SOURCES', 'NotAvailable', 'Workload', 'config_str', 'BenchCase',
+           'bench_case', 'load_cases', 'case_source', 'plan_rows', 'plan_groups']
 
 # %% ../nbs/06d_bench_registry.ipynb #854963ba
 BENCH_PROFILES = ("tiny", "cpu", "gpu")
@@ -45,7 +45,12 @@ class Workload:
     derive: Callable[[float], str] | None = None  # a note derived from the measured throughput (clearly labelled)
     extrapolate: Callable[[float], float] | None = None  # median s/call -> s per image of the full recipe (derived, labelled)
 
-# %% ../nbs/06d_bench_registry.ipynb #58d5c973
+# %% ../nbs/06d_bench_registry.ipynb #cb94b4bb
+def config_str(params: dict) -> str:
+    "A row's parameters as one stable, readable string (`k=v` pairs, sorted)."
+    return " ".join(f"{k}={params[k]}" for k in sorted(params))
+
+# %% ../nbs/06d_bench_registry.ipynb #2622d765
 @dataclass
 class BenchCase:
     "A family of benchmark rows: `build(device, dtype, **params) -> Workload` and its parameter sets per profile."
@@ -64,7 +69,7 @@ class BenchCase:
         b = self.baseline(params) if self.baseline else None
         return f"{b[0]}: {config_str(b[1])}" if b else ""
 
-# %% ../nbs/06d_bench_registry.ipynb #f7051f8e
+# %% ../nbs/06d_bench_registry.ipynb #8be4454f
 def bench_case(name: str, # the case's name (the `case` column, `dvt_bench --case NAME`)
                title: str, # the heading of its table
                plans: dict[str, list[dict]], # per profile, the parameter sets of its rows
@@ -77,11 +82,7 @@ def bench_case(name: str, # the case's name (the `case` column, `dvt_bench --cas
     def deco(build): return BenchCase(name, title, build, plans, baseline, **options)
     return deco
 
-def config_str(params: dict) -> str:
-    "A row's parameters as one stable, readable string (`k=v` pairs, sorted)."
-    return " ".join(f"{k}={params[k]}" for k in sorted(params))
-
-# %% ../nbs/06d_bench_registry.ipynb #97db873e
+# %% ../nbs/06d_bench_registry.ipynb #cee59542
 CASE_SOURCES = ("dvt.bench_cases:stage_cases", "?dvt.evaljobs:rehearsal_cases")
 
 def load_cases(sources=CASE_SOURCES) -> dict[str, BenchCase]:
@@ -93,7 +94,7 @@ def load_cases(sources=CASE_SOURCES) -> dict[str, BenchCase]:
             out[case.name] = case
     return out
 
-# %% ../nbs/06d_bench_registry.ipynb #ae55035f
+# %% ../nbs/06d_bench_registry.ipynb #385de4c0
 def case_source(src) -> list[BenchCase]:
     "The cases of one source: a `BenchCase`, or 'module:function' (optional with a leading '?') returning a list of them."
     if not isinstance(src, str): return [src]                              # a BenchCase itself
@@ -112,7 +113,7 @@ def case_source(src) -> list[BenchCase]:
     if bad: raise TypeError(f"case source {src!r} returned {bad} among its cases; return BenchCase objects (see bench_case).")
     return cases
 
-# %% ../nbs/06d_bench_registry.ipynb #5fae5287
+# %% ../nbs/06d_bench_registry.ipynb #3521377e
 def plan_rows(profile: str, # one of BENCH_PROFILES
               cases: list | None = None, # case names or `BenchCase`s (default: every case of `sources` but opt-in ones)
               only: str | None = None, # keep rows whose 'case: config' contains this substring
@@ -127,7 +128,7 @@ def plan_rows(profile: str, # one of BENCH_PROFILES
     rows = [(c, p) for c in chosen for p in c.plans.get(profile, [])]
     return [(c, p) for c, p in rows if not only or only in c.key(p)]
 
-# %% ../nbs/06d_bench_registry.ipynb #557997c9
+# %% ../nbs/06d_bench_registry.ipynb #4a3dca06
 def plan_groups(plan: list[tuple[BenchCase, dict]]) -> list[list[tuple[BenchCase, dict]]]:
     "Split `plan` into groups timed together: each baseline row with the rows compared against it (if their cases alternate); other rows alone."
     keys = [c.key(p) for c, p in plan]

@@ -26,7 +26,7 @@ def attention_flops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     *batch, Lq, D = q.shape
     return 2 * math.prod(batch) * Lq * k.shape[-2] * (D + v.shape[-1])
 
-# %% ../nbs/06c_bench_roofline.ipynb #9385e355
+# %% ../nbs/06c_bench_roofline.ipynb #b9ab8339
 class AttentionFlops(torch.overrides.TorchFunctionMode):
     "Within `counter`'s scope, replace what it saw inside `F.scaled_dot_product_attention` (0 on some CPU kernels) by `attention_flops`."
     def __init__(self, counter):
@@ -39,7 +39,7 @@ class AttentionFlops(torch.overrides.TorchFunctionMode):
         self.correction += attention_flops(q, k, v) - (self.counter.get_total_flops() - before)
         return out
 
-# %% ../nbs/06c_bench_roofline.ipynb #56633e51
+# %% ../nbs/06c_bench_roofline.ipynb #2677823a
 def tensor_bytes(*objs) -> int:
     "Bytes held by the tensors in `objs` (tensors, modules' parameters and buffers, and lists/tuples/dicts of them), each counted once."
     seen, total = set(), 0
@@ -54,7 +54,7 @@ def tensor_bytes(*objs) -> int:
     for o in objs: visit(o)
     return total
 
-# %% ../nbs/06c_bench_roofline.ipynb #c75487d4
+# %% ../nbs/06c_bench_roofline.ipynb #a39061fe
 @dataclass
 class DevicePeaks:
     "A device's measured peaks: matmul FLOP/s in `dtype` and copy bandwidth in bytes/s (read + write)."
@@ -68,7 +68,7 @@ def floor_seconds(flops: float, nbytes: float, peaks: DevicePeaks) -> float:
     "The roofline floor: the larger of compute time at peak FLOP/s and transfer time at peak bandwidth."
     return max(flops / peaks.flops_per_s, nbytes / peaks.bytes_per_s)
 
-# %% ../nbs/06c_bench_roofline.ipynb #1e25c7c5
+# %% ../nbs/06c_bench_roofline.ipynb #6c9eabf7
 def measure_peaks(device: torch.device | str, # where to measure
                   dtype: torch.dtype = torch.bfloat16, # the matmul's precision
                   n: int = 8192, # the matmul's side

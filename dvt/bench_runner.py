@@ -47,7 +47,7 @@ def measure_many(items: list[tuple[BenchCase, dict]], # the rows: (case, params)
         rows.append(probe_row(row, w, device, peaks))
     return rows
 
-# %% ../nbs/06g_bench_runner.ipynb #1a463a20
+# %% ../nbs/06g_bench_runner.ipynb #19c9fc98
 def timed_row(case: BenchCase, # the row's case
               params: dict, # its parameters
               w: Workload, # what was timed
@@ -88,7 +88,7 @@ def probe_row(row: dict, # a measured row, filled in place
                floor_s=fl, over_floor=row["median_s"] / fl if fl > 0 else "")
     return row
 
-# %% ../nbs/06g_bench_runner.ipynb #4a979c66
+# %% ../nbs/06g_bench_runner.ipynb #cd764674
 def measure(case: BenchCase | str, # a case, or its name in the default case sources
             params: dict, # the row's parameters
             device: torch.device | str = "cpu", # where it runs
@@ -102,7 +102,7 @@ def measure(case: BenchCase | str, # a case, or its name in the default case sou
         case = known[case]
     return measure_many([(case, params)], device, dtype, **kw)[0]
 
-# %% ../nbs/06g_bench_runner.ipynb #68369ad7
+# %% ../nbs/06g_bench_runner.ipynb #0717da82
 def failed_row(case: BenchCase, # the row's case
                params: dict, # its parameters
                e: BaseException, # what it raised
@@ -126,7 +126,7 @@ def skipped_row(case: BenchCase, # the row's case
     return blank_row(case=case.name, config=config_str(params), status="not measured", dtype=dtype, machine="—",
                      baseline=case.baseline_key(params), goal=case.goal, note=reason, timestamp=now_utc())
 
-# %% ../nbs/06g_bench_runner.ipynb #f4e2df47
+# %% ../nbs/06g_bench_runner.ipynb #4430149b
 def measure_group(group: list[tuple[BenchCase, dict]], # rows timed together (a row and its baseline) or one row
                   device: torch.device, # where they run
                   dtype: str, # the precision asked for
@@ -147,14 +147,14 @@ def measure_group(group: list[tuple[BenchCase, dict]], # rows timed together (a 
         except Exception as e1: out.append(failed_row(c, p, e1, dtype, device, info))
     return out
 
-# %% ../nbs/06g_bench_runner.ipynb #61d3fa91
+# %% ../nbs/06g_bench_runner.ipynb #8de0475f
 def settle(device: torch.device) -> None:
     "Between groups: free what the last one held and forget compiled graphs, so that each row pays its own compilation."
     gc.collect()
     if "torch._dynamo" in sys.modules: torch._dynamo.reset()
     if device.type == "cuda": torch.cuda.synchronize(device); torch.cuda.empty_cache()
 
-# %% ../nbs/06g_bench_runner.ipynb #13f31bf3
+# %% ../nbs/06g_bench_runner.ipynb #a07e1138
 def run_bench(profile: str = "cpu", # one of BENCH_PROFILES: the rows' sizes and the timing settings
               cases: list | None = None, # case names or `BenchCase`s (default: all but opt-in ones)
               device: str | None = "auto", # 'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:N'
@@ -196,7 +196,7 @@ def run_bench(profile: str = "cpu", # one of BENCH_PROFILES: the rows' sizes and
             settle(dev)
     return add_ratios(rows)
 
-# %% ../nbs/06g_bench_runner.ipynb #11a699fa
+# %% ../nbs/06g_bench_runner.ipynb #4ee732ae
 MIN_ROW_SECONDS = 5.0   # a group is started only with at least this much of the run's budget left
 
 def run_settings(profile: str, **settings) -> dict:
@@ -219,7 +219,7 @@ def budget_rule(row_budget: float | None, budget: float | None, t0: float) -> Ca
         return min(xs) if xs else None
     return limit
 
-# %% ../nbs/06g_bench_runner.ipynb #730fb01b
+# %% ../nbs/06g_bench_runner.ipynb #4e2860dd
 def peak_table(device: torch.device) -> Callable[[str], DevicePeaks]:
     "dtype -> the device's peaks in that dtype, measured on first use (toy sizes off a GPU)."
     cache: dict[str, DevicePeaks] = {}

@@ -115,7 +115,7 @@ def machine_lines(rows: list[dict], info: dict) -> list[str]:
     if len(machines) > 1 or (machines and machines[0] != info.get("machine")): L += ["", f"Rows measured on: {'; '.join(machines)}."]
     return L
 
-# %% ../nbs/06f_bench_tables.ipynb #6dcf8600
+# %% ../nbs/06f_bench_tables.ipynb #c2430b1f
 MD_COLUMNS = (("config", "config"), ("dtype", "dtype"), ("shape", "input → output"), ("throughput", "throughput"),
               ("median_s", "median ms"), ("iqr_s", "IQR ms"), ("peak_mem_mib", "peak MiB"), ("ratio", "× baseline"),
               ("extrap_s_per_image", "s/image, full recipe (extrapolated)"), ("gflop", "GFLOP"), ("min_mb", "min MB"),
@@ -139,7 +139,7 @@ def case_section(rs: list[dict], heading: str) -> list[str]:
            [f"- `{r['config']}`: {r['note']}" for r in rs if r.get("note")])
     return L + (["", *nts, ""] if nts else [""])
 
-# %% ../nbs/06f_bench_tables.ipynb #34418fc3
+# %% ../nbs/06f_bench_tables.ipynb #52f9e794
 def cell(r: dict, key: str) -> str:
     "One measured row's Markdown cell for column `key` (times in ms, numbers to 3 significant digits)."
     if key == "config": return f"`{r['config']}`"
@@ -156,7 +156,7 @@ def fmt(v, digits: int = 3) -> str:
     if x == 0: return "0"
     return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:,.0f}"
 
-# %% ../nbs/06f_bench_tables.ipynb #a6b7f827
+# %% ../nbs/06f_bench_tables.ipynb #6ff0c77a
 def stage1_summary(rows: list[dict]) -> list[str]:
     "Markdown lines: per image time of the full stage-1 recipe = measured extraction + extrapolated fit (empty if no pair)."
     ok = [r for r in rows if r["status"] == "measured"]

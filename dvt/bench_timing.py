@@ -23,7 +23,7 @@ def sync(device: torch.device | str) -> None:
     if device.type == "cuda": torch.cuda.synchronize(device)
     elif device.type == "mps": torch.mps.synchronize()
 
-# %% ../nbs/06a_bench_timing.ipynb #a25a3382
+# %% ../nbs/06a_bench_timing.ipynb #547ad924
 @dataclass
 class Timing:
     "Seconds per call of the timed calls (`times`), after `warmup` untimed ones, with their median and interquartile range."
@@ -41,7 +41,7 @@ class Timing:
     def best(self) -> float: return float(min(self.times))
     def __repr__(self): return f"Timing(median={self.median * 1e3:.3f} ms, IQR={self.iqr * 1e3:.3f} ms, n={len(self.times)}, warmup={self.warmup})"
 
-# %% ../nbs/06a_bench_timing.ipynb #6b72775a
+# %% ../nbs/06a_bench_timing.ipynb #4ccc6d86
 def time_fns(fns: list[Callable[[], Any]], # the calls to time, each without arguments
              device: torch.device | str = "cpu", # the device to synchronise
              warmup: int | list[int] = 1, # untimed calls first (one count, or one per callable)
@@ -64,7 +64,7 @@ def time_fns(fns: list[Callable[[], Any]], # the calls to time, each without arg
             if going(i): times[i].append(timed_call(fn, device))
     return [Timing(t, w) for t, w in zip(times, warmup)]
 
-# %% ../nbs/06a_bench_timing.ipynb #f4a46e53
+# %% ../nbs/06a_bench_timing.ipynb #e1eb093b
 def timed_call(fn: Callable[[], Any], device: torch.device) -> float:
     "Seconds of one call of `fn()`: CUDA events on a GPU, else `perf_counter` around the call and a device sync."
     if device.type == "cuda":
@@ -82,7 +82,7 @@ def time_fn(fn: Callable[[], Any], # the call to time, without arguments
     "Time `fn()`: `warmup` untimed calls, then `repeats` device-synchronised timed calls (fewer once `max_seconds` is spent, at least 1)."
     return time_fns([fn], device, warmup, repeats, max_seconds)[0]
 
-# %% ../nbs/06a_bench_timing.ipynb #6396a472
+# %% ../nbs/06a_bench_timing.ipynb #e9c986de
 class BudgetExceeded(TimeoutError):
     "A benchmark row (or a run) ran past its time budget."
 
@@ -100,7 +100,7 @@ def time_limit(seconds: float | None, what: str = "the block"):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0); signal.signal(signal.SIGALRM, old)
 
-# %% ../nbs/06a_bench_timing.ipynb #77f34ce0
+# %% ../nbs/06a_bench_timing.ipynb #8b519fa1
 def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[int, str]:
     "Peak extra memory in bytes while `fn()` runs (above what was in use before), and the method used to measure it."
     device = torch.device(device)
@@ -117,7 +117,7 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tu
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * scale, "ru_maxrss rise (lower bound)"
 
-# %% ../nbs/06a_bench_timing.ipynb #b42da370
+# %% ../nbs/06a_bench_timing.ipynb #2368a4ab
 def _proc_kib(key: str) -> int | None:
     try: m = re.search(rf"^{key}:\s+(\d+)\s+kB", Path("/proc/self/status").read_text(), re.M)
     except OSError: return None
@@ -133,7 +133,7 @@ def _reset_hwm() -> bool:
     try: Path("/proc/self/clear_refs").write_text("5"); return True
     except OSError: return False
 
-# %% ../nbs/06a_bench_timing.ipynb #cf21a58b
+# %% ../nbs/06a_bench_timing.ipynb #03e8e098
 def machine_info(device: torch.device | str = "cpu") -> dict:
     "A record of the machine and software a benchmark ran on: CPU, cores, GPU, versions, threads, load."
     import timm
@@ -151,7 +151,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     info["machine"] = machine_name(info)
     return info
 
-# %% ../nbs/06a_bench_timing.ipynb #05cad142
+# %% ../nbs/06a_bench_timing.ipynb #2f595f97
 def machine_name(info: dict) -> str:
     "A short human name for a machine record: the GPU if any, else the CPU and its core count."
     return f"{info['gpu']} (CUDA {info['cuda']})" if info.get("gpu") else f"CPU {info['cpu']} ×{info['cores']}"
