@@ -13,6 +13,7 @@ _API = {
     "TokenBackbone": "contract", "BackboneSpec": "contract", "check_backbone": "contract", "grid_shape": "contract",
     "BackboneWrapper": "contract", "make_backbone": "contract", "register_variant": "contract",
     "make_config": "config", "lr_schedule": "config",
+    "diagnose": "diagnostics", "fit_position_remover": "diagnostics", "PositionRemover": "diagnostics",
     "Backbone": "backbones", "SEED_MODELS": "backbones", "save_backbone": "backbones",
     "load_image": "data", "sample_image": "data", "sample_images": "data",
     "PlantedBackbone": "synthetic",

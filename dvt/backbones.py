@@ -84,12 +84,19 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str = "chec
     return model
 
 # %% ../nbs/01_backbones.ipynb #1cf882b2
+def _create(name: str, pretrained: bool, kw: dict) -> nn.Module:
+    "timm.create_model, without `dynamic_img_size` for models that resample by themselves (SAM's encoder)."
+    try: return timm.create_model(name, pretrained=pretrained, **kw)
+    except TypeError as e:
+        if "dynamic_img_size" not in str(e): raise
+        return timm.create_model(name, pretrained=pretrained, **{k: v for k, v in kw.items() if k != "dynamic_img_size"})
+
 def create_vit(name: str, pretrained: bool = True, checkpoint: str | Path | None = None, **kwargs) -> nn.Module:
     "Create timm model `name` (no head, dynamic image size) with hub, local-file or random weights."
     check_model_name(name)
     kw = dict(num_classes=0, dynamic_img_size=True, **kwargs)
     use_hub = pretrained and checkpoint is None
-    try: model = timm.create_model(name, pretrained=use_hub, **kw)
+    try: model = _create(name, use_hub, kw)
     except Exception as e:
         if not use_hub: raise
         raise RuntimeError(f"could not get pretrained weights for {name!r} ({type(e).__name__}: {str(e)[:200]}). Without internet, "
