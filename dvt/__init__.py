@@ -26,6 +26,7 @@ _API = {
     "make_fixtures": "datasets", "load_dataset": "datasets",
     "run_seg_probe": "probes", "run_depth_probe": "probes",
     "run_lost": "discovery", "run_davis": "discovery",
+    "run_hummingbird": "retrieval", "run_overclustering": "retrieval",
 }
 
 def __getattr__(name: str):

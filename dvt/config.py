@@ -50,8 +50,8 @@ def check_type(value, annotation, name: str) -> None:
     "Raise a `TypeError` if `value` does not fit a simple annotation (`int`, `float`, `bool`, `str`, or `X | None`)."
     names = [a.strip() for a in str(annotation).split("|")] if isinstance(annotation, str) else []
     if "None" in names and value is None: return
-    kinds = [_SIMPLE[a] for a in names if a != "None"]
-    if len(kinds) != 1: return                                        # tuples, unions of several kinds: the stage checks
+    kinds = [_SIMPLE.get(a) for a in names if a != "None"]
+    if len(kinds) != 1 or kinds[0] is None: return                    # tuples, unions of several kinds: the stage checks
     ok = isinstance(value, kinds[0]) and not (isinstance(value, bool) and bool not in kinds[0])
     if not ok:
         want = {(int,): "an integer", (int, float): "a number", (bool,): "True or False", (str,): "a string"}[kinds[0]]

@@ -5,13 +5,15 @@
 # %% ../nbs/03c_metrics.ipynb #c531ebcd
 from __future__ import annotations
 import math
+from bisect import bisect_left
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['EIGEN_CROP', 'mine_matrix', 'mic', 'mine_stats', 'position_mic', 'position_mic_summary', 'confusion_matrix',
-           'seg_scores', 'eigen_mask', 'depth_metrics', 'mean_metrics', 'region_j', 'boundary_f', 'box_iou', 'corloc']
+           'seg_scores', 'eigen_mask', 'depth_metrics', 'mean_metrics', 'region_j', 'boundary_f', 'davis_stats',
+           'box_iou', 'corloc']
 
 # %% ../nbs/03c_metrics.ipynb #b90b73ba
 def _runs(v_sorted: np.ndarray) -> np.ndarray:
@@ -19,20 +21,22 @@ def _runs(v_sorted: np.ndarray) -> np.ndarray:
     cuts = np.flatnonzero(np.diff(v_sorted) != 0) + 1
     return np.diff(np.concatenate(([0], cuts, [len(v_sorted)])))
 
-def _equipartition(sizes: np.ndarray, y: int) -> tuple[np.ndarray, int]:
+# %% ../nbs/03c_metrics.ipynb #f5b1b0a6
+def _equipartition(sizes: np.ndarray, y: int, S: list[int] | None = None) -> tuple[np.ndarray, int]:
     "Row index of each tie group (groups in sorted order, never split) for `y` rows of about equal counts; rows made."
-    S = np.concatenate(([0], np.cumsum(sizes)))                  # S[g] = points before group g
-    ng, n = len(sizes), int(S[-1])
-    row = np.empty(ng, dtype=np.int64)
-    g0, cur, target = 0, 0, n / y
+    S = S if S is not None else [0, *np.cumsum(sizes).tolist()]    # S[g] = points before group g (cached per axis)
+    ng, n = len(S) - 1, S[-1]
+    ends = []; g0, cur, target = 0, 0, n / y
     while g0 < ng:
-        hi = int(np.searchsorted(S, S[g0] + target, side="left"))
-        hi = min(max(hi, g0 + 1), ng); lo = max(hi - 1, g0 + 1)
-        end = lo if abs((S[lo] - S[g0]) - target) <= abs((S[hi] - S[g0]) - target) else hi
-        row[g0:end] = cur; g0 = end
+        base = S[g0]
+        hi = bisect_left(S, base + target, g0 + 1, ng)              # first boundary at or past the target
+        lo = hi - 1                                                 # the last one before it, if it closes a non-empty row
+        end = lo if lo > g0 and target - (S[lo] - base) <= (S[hi] - base) - target else hi
+        ends.append(end); g0 = end
         if g0 < ng: cur += 1; target = (n - S[g0]) / (y - cur)
-    return row, cur + 1
+    return np.repeat(np.arange(len(ends)), np.diff(ends, prepend=0)), cur + 1
 
+# %% ../nbs/03c_metrics.ipynb #e49a2d1f
 def _clumps(q: np.ndarray, xsizes: np.ndarray) -> np.ndarray:
     "Clump index of each point in x order: runs of equal row; an x-tie group spanning several rows is a clump of its own."
     starts = np.concatenate(([0], np.cumsum(xsizes)[:-1]))
@@ -42,35 +46,55 @@ def _clumps(q: np.ndarray, xsizes: np.ndarray) -> np.ndarray:
     return np.concatenate(([0], np.cumsum(lab[1:] != lab[:-1])))
 
 # %% ../nbs/03c_metrics.ipynb #8865494b
+_BLOCK, _SMALL = 128, 1 << 17                                  # clumps per block; cost tables up to _SMALL entries in one go
+
 def _best_mi(q: np.ndarray, nq: int, clump: np.ndarray, xmax: int, T: np.ndarray) -> np.ndarray:
     "MI (nats) of the best partition into at most `l` columns of consecutive clumps, for `l = 0..xmax` (entries 0, 1 unused)."
     p, n = int(clump[-1]) + 1, len(clump)
     I = np.zeros(xmax + 1)
     if p == 1: return I
-    hist = np.zeros((p, nq), np.int64); np.add.at(hist, (clump, q), 1)
+    hist = np.bincount(clump * nq + q, minlength=p * nq).reshape(p, nq)       # points per clump and row
     cum = np.concatenate((np.zeros((1, nq), np.int64), np.cumsum(hist, 0)))   # (p+1, nq) points per row, first t clumps
-    c = cum.sum(1)
     hq = (T[n] - T[cum[-1]].sum()) / n                                         # H(Q)
-    m = c[None, :] - c[:, None]                                                # points in clumps s+1..t
-    cost = T[np.maximum(m, 0)] - T[np.maximum(cum[None] - cum[:, None], 0)].sum(-1)   # n_st * H(Q | clumps s+1..t)
-    cost[m < 0] = np.inf
-    G = cost[0].copy()                                                         # one column
+    cost = _cost(cum, T)                                                       # (p+1, p+1)
+    G = cost[0].copy(); buf = np.empty((p + 1) * min(_BLOCK, p + 1))           # G(t): one column
     for l in range(2, min(xmax, p) + 1):
-        s0 = max(l - 1, 1)
-        G = np.concatenate((np.full(l, np.inf), (G[s0:, None] + cost[s0:, l:]).min(0)))
+        s0 = max(l - 1, 1); Gn = np.full(p + 1, np.inf)
+        for t0 in range(l, p + 1, _BLOCK):                                     # s < t: rows s0 .. t1-1 of each block
+            t1 = min(t0 + _BLOCK, p + 1)
+            b = buf[:(t1 - s0) * (t1 - t0)].reshape(t1 - s0, t1 - t0)
+            np.add(G[s0:t1, None], cost[s0:t1, t0:t1], out=b)
+            b.min(0, out=Gn[t0:t1])
+        G = Gn
         I[l] = hq - G[p] / n
     if p < xmax: I[p + 1:] = I[p]
     return I
 
-# %% ../nbs/03c_metrics.ipynb #523cee29
-def _check_xy(x, y) -> tuple[np.ndarray, np.ndarray]:
-    x = np.asarray(x, dtype=np.float64).ravel(); y = np.asarray(y, dtype=np.float64).ravel()
-    if len(x) != len(y): raise ValueError(f"x and y must have the same length; got {len(x)} and {len(y)}.")
-    if len(x) < 4: raise ValueError(f"MIC needs at least 4 points; got {len(x)}.")
-    if not (np.isfinite(x).all() and np.isfinite(y).all()): raise ValueError("x and y must be finite (no NaN/Inf); drop or fill those points first.")
-    return x, y
+# %% ../nbs/03c_metrics.ipynb #b420b989
+def _cost(cum: np.ndarray, T: np.ndarray) -> np.ndarray:
+    "`(p+1, p+1)` table of n_st·H(Q | clumps s+1..t) for s < t (inf elsewhere) from cumulative row counts `cum` `(p+1, nq)`."
+    P = len(cum); c = cum.sum(1); cumT = np.ascontiguousarray(cum.T)        # (nq, p+1)
+    cost = np.full((P, P), np.inf)
+    if P * P * len(cumT) <= _SMALL:                                            # a small table: all pairs s < t at once
+        s, t = np.triu_indices(P, 1)
+        cost[s, t] = T.take(c[t] - c[s]) - T.take(cum[t] - cum[s]).sum(-1)
+        return cost
+    for s0 in range(0, P - 1, _BLOCK):                                         # blocks on or above the diagonal only
+        for t0 in range(s0, P, _BLOCK):
+            s1, t1 = min(s0 + _BLOCK, P), min(t0 + _BLOCK, P)
+            h = np.zeros((s1 - s0, t1 - t0))
+            for col in cumT:                                                   # one row of the equipartition at a time
+                h += T.take(col[None, t0:t1] - col[s0:s1, None])               # s >= t wraps around; reset below
+            blk = T.take(c[None, t0:t1] - c[s0:s1, None]) - h
+            blk[np.arange(s0, s1)[:, None] >= np.arange(t0, t1)[None]] = np.inf
+            cost[s0:s1, t0:t1] = blk
+    return cost
 
-def mine_matrix(x, y, alpha: float = 0.6, c: float = 15) -> np.ndarray:
+# %% ../nbs/03c_metrics.ipynb #523cee29
+def mine_matrix(x,                         # (n,) samples of the first variable
+                y,                         # (n,) samples of the second variable
+                alpha: float = 0.6,        # grid budget B = max(n^alpha, 4)
+                c: float = 15) -> np.ndarray:   # at most c·x clumps per x columns
     "The characteristic matrix `M[ny, nx]` (NaN outside `nx·ny ≤ B = max(n^alpha, 4)`) of ApproxMaxMI, as in minepy."
     x, y = _check_xy(x, y)
     if not 0 < alpha <= 1: raise ValueError(f"alpha={alpha} must be in (0, 1].")
@@ -80,11 +104,11 @@ def mine_matrix(x, y, alpha: float = 0.6, c: float = 15) -> np.ndarray:
     M = np.full((K + 1, K + 1), np.nan)
     ix, iy = np.argsort(x, kind="stable"), np.argsort(y, kind="stable")
     for a, b, ia, ib, swap in ((x, y, ix, iy, False), (y, x, iy, ix, True)):  # rows on b, columns on a
-        asz, bsz = _runs(a[ia]), _runs(b[ib])
+        asz, bsz = _runs(a[ia]), _runs(b[ib]); Sb = [0, *np.cumsum(bsz).tolist()]
         for rows in range(2, K + 1):
             xmax = int(B // rows)
             if xmax < 2: break
-            qg, nq = _equipartition(bsz, rows)
+            qg, nq = _equipartition(bsz, rows, Sb)
             qpt = np.empty(n, np.int64); qpt[ib] = np.repeat(qg, bsz)
             q = qpt[ia]                                                         # row of each point, in a order
             clump = _clumps(q, asz)
@@ -98,17 +122,70 @@ def mine_matrix(x, y, alpha: float = 0.6, c: float = 15) -> np.ndarray:
             else: M[rows, 2:xmax + 1] = np.fmax(M[rows, 2:xmax + 1], s)
     return M
 
-def mic(x, y, alpha: float = 0.6, c: float = 15) -> float:
+# %% ../nbs/03c_metrics.ipynb #daef1817
+def _check_xy(x, y) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x, dtype=np.float64).ravel(); y = np.asarray(y, dtype=np.float64).ravel()
+    if len(x) != len(y): raise ValueError(f"x and y must have the same length; got {len(x)} and {len(y)}.")
+    if len(x) < 4: raise ValueError(f"MIC needs at least 4 points; got {len(x)}.")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()): raise ValueError("x and y must be finite (no NaN/Inf); drop or fill those points first.")
+    return x, y
+
+# %% ../nbs/03c_metrics.ipynb #e48974eb
+def mic(x,                                 # (n,) samples of the first variable
+        y,                                 # (n,) samples of the second variable
+        alpha: float = 0.6,                # grid budget B = max(n^alpha, 4)
+        c: float = 15) -> float:           # at most c·x clumps per x columns
     "Maximal information coefficient of samples `x`, `y` (Reshef et al. 2011, ApproxMaxMI; minepy's `mic_approx`)."
     return float(np.nanmax(mine_matrix(x, y, alpha, c)))
 
-def mine_stats(x, y, alpha: float = 0.6, c: float = 15) -> dict[str, float]:
+# %% ../nbs/03c_metrics.ipynb #17d107fc
+def mine_stats(x,                          # (n,) samples of the first variable
+               y,                          # (n,) samples of the second variable
+               alpha: float = 0.6,         # grid budget B = max(n^alpha, 4)
+               c: float = 15) -> dict[str, float]:   # at most c·x clumps per x columns
     "MIC, MAS (maximum asymmetry), MEV (maximum edge value) and MCN (minimum cell number, eps=0) from one characteristic matrix."
     M = mine_matrix(x, y, alpha, c)
     top = np.nanmax(M); k = np.arange(M.shape[0])
     cells = np.log2(np.maximum(np.outer(k, k), 1).astype(np.float64))
     return dict(mic=float(top), mas=float(np.nanmax(np.abs(M - M.T))), mev=float(np.nanmax(np.r_[M[2], M[:, 2]])),
                 mcn=float(cells[(M + 1e-4) >= top].min()))
+
+# %% ../nbs/03c_metrics.ipynb #4eb7ebf5
+def position_mic(features,                 # one (h, w, C) feature map
+                 k: int = 4,               # components scored (>= 1)
+                 basis: str = "pca",       # 'pca' (principal components) or 'channels' (largest-variance channels)
+                 alpha: float = 0.6,       # MIC's grid budget exponent
+                 c: float = 15) -> dict:   # MIC's clump factor
+    "MIC of the top-`k` components of one `(h, w, C)` feature map with patch row and column; `mic` = mean of max(row, col)."
+    f = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features).detach().float().cpu()
+    if f.ndim != 3:
+        raise ValueError(f"features must be one (h, w, C) map; got shape {tuple(f.shape)}"
+                         + (" (a batch? use position_mic_summary)" if f.ndim == 4 else "") + ".")
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"k={k!r}: position_mic scores the top-k components, so k must be an integer >= 1.")
+    h, w, C = f.shape
+    if h * w < 16: raise ValueError(f"a {h}x{w} grid has too few tokens for MIC; use at least 16 tokens.")
+    if not torch.isfinite(f).all(): raise ValueError("features contain NaN/Inf.")
+    k = int(min(k, C, h * w - 1))
+    comps, frac = _components(f, k, basis)
+    rows = np.repeat(np.arange(h, dtype=np.float64), w); cols = np.tile(np.arange(w, dtype=np.float64), h)
+    mr = np.array([mic(rows, comps[:, i], alpha, c) for i in range(k)])
+    mc = np.array([mic(cols, comps[:, i], alpha, c) for i in range(k)])
+    return dict(mic=float(np.maximum(mr, mc).mean()), row=mr, col=mc, explained=frac)
+
+# %% ../nbs/03c_metrics.ipynb #c02c2db1
+def position_mic_summary(features,         # (B, h, w, C) feature maps (or one (h, w, C))
+                         k: int = 4,       # components scored per image (>= 1)
+                         basis: str = "pca",   # 'pca' or 'channels'
+                         alpha: float = 0.6,   # MIC's grid budget exponent
+                         c: float = 15) -> dict:   # MIC's clump factor
+    "`position_mic` over a batch `(B, h, w, C)`: mean and standard deviation of the per-image scores, and the scores."
+    f = features if isinstance(features, torch.Tensor) else torch.as_tensor(np.asarray(features))
+    if f.ndim == 3: f = f[None]
+    if f.ndim != 4: raise ValueError(f"features must be (B, h, w, C); got shape {tuple(f.shape)}.")
+    if len(f) == 0: raise ValueError("features hold no image (B = 0); pass at least one (h, w, C) map.")
+    per = np.array([position_mic(fi, k, basis, alpha, c)["mic"] for fi in f])
+    return dict(mic=float(per.mean()), std=float(per.std()), per_image=per)
 
 # %% ../nbs/03c_metrics.ipynb #9ec4653e
 def _components(feats: torch.Tensor, k: int, basis: str) -> tuple[np.ndarray, np.ndarray]:
@@ -126,33 +203,13 @@ def _components(feats: torch.Tensor, k: int, basis: str) -> tuple[np.ndarray, np
     else: raise ValueError(f"basis={basis!r} is unknown; use 'pca' or 'channels'.")
     return comps.numpy(), frac.numpy()
 
-def position_mic(features, k: int = 4, basis: str = "pca", alpha: float = 0.6, c: float = 15) -> dict:
-    "MIC of the top-`k` components of one `(h, w, C)` feature map with patch row and column; `mic` = mean of max(row, col)."
-    f = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features).detach().float().cpu()
-    if f.ndim != 3:
-        raise ValueError(f"features must be one (h, w, C) map; got shape {tuple(f.shape)}"
-                         + (" (a batch? use position_mic_summary)" if f.ndim == 4 else "") + ".")
-    h, w, C = f.shape
-    if h * w < 16: raise ValueError(f"a {h}x{w} grid has too few tokens for MIC; use at least 16 tokens.")
-    if not torch.isfinite(f).all(): raise ValueError("features contain NaN/Inf.")
-    k = int(min(k, C, h * w - 1))
-    comps, frac = _components(f, k, basis)
-    rows = np.repeat(np.arange(h, dtype=np.float64), w); cols = np.tile(np.arange(w, dtype=np.float64), h)
-    mr = np.array([mic(rows, comps[:, i], alpha, c) for i in range(k)])
-    mc = np.array([mic(cols, comps[:, i], alpha, c) for i in range(k)])
-    return dict(mic=float(np.maximum(mr, mc).mean()), row=mr, col=mc, explained=frac)
-
-def position_mic_summary(features, k: int = 4, basis: str = "pca", alpha: float = 0.6, c: float = 15) -> dict:
-    "`position_mic` over a batch `(B, h, w, C)`: mean and standard deviation of the per-image scores, and the scores."
-    f = features if isinstance(features, torch.Tensor) else torch.as_tensor(np.asarray(features))
-    if f.ndim == 3: f = f[None]
-    if f.ndim != 4: raise ValueError(f"features must be (B, h, w, C); got shape {tuple(f.shape)}.")
-    per = np.array([position_mic(fi, k, basis, alpha, c)["mic"] for fi in f])
-    return dict(mic=float(per.mean()), std=float(per.std()), per_image=per)
-
 # %% ../nbs/03c_metrics.ipynb #8aaa5c42
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+def confusion_matrix(pred: torch.Tensor,   # predicted classes, any shape
+                     target: torch.Tensor, # ground-truth classes, the same shape
+                     num_classes: int,     # K
+                     ignore_index: int = 255) -> torch.Tensor:   # ground-truth label skipped
     "`(K, K)` int64 counts, rows = ground-truth class, columns = predicted class; `ignore_index` pixels skipped."
+    if int(num_classes) != num_classes or num_classes < 1: raise ValueError(f"num_classes={num_classes!r}; use an integer >= 1.")
     pred, target = torch.as_tensor(pred), torch.as_tensor(target)
     if pred.shape != target.shape: raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape.")
     keep = target != ignore_index
@@ -162,6 +219,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     if ((p < 0) | (p >= num_classes)).any(): raise ValueError(f"pred has classes outside 0..{num_classes - 1}.")
     return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).reshape(num_classes, num_classes).cpu()
 
+# %% ../nbs/03c_metrics.ipynb #2c0315d9
 def seg_scores(conf: torch.Tensor) -> dict:
     "mIoU, mAcc and overall pixel accuracy aAcc (percent) from a confusion matrix, plus the per-class IoU and Acc."
     conf = torch.as_tensor(conf).double()
@@ -180,12 +238,17 @@ def eigen_mask(h: int = 480, w: int = 640) -> torch.Tensor:
     m[round(t * h / 480):round(b * h / 480), round(l * w / 640):round(r * w / 640)] = True
     return m
 
-def depth_metrics(pred: torch.Tensor, target: torch.Tensor, min_depth: float = 1e-3, max_depth: float = 10.0,
-                  eigen_crop: bool = True) -> dict[str, float]:
+# %% ../nbs/03c_metrics.ipynb #f53f663c
+def depth_metrics(pred: torch.Tensor,      # (H, W) predicted depth in metres
+                  target: torch.Tensor,    # (H, W) ground-truth depth in metres (0 = missing)
+                  min_depth: float = 1e-3, # valid ground truth lies strictly between min_depth ...
+                  max_depth: float = 10.0, # ... and max_depth; predictions are clamped to the same range
+                  eigen_crop: bool = True) -> dict[str, float]:   # score only inside the Eigen crop
     "Depth errors of one `(H, W)` prediction against ground truth in metres: rmse, abs_rel, sq_rel, rmse_log, log10, silog, d1-d3 (%)."
     pred, target = torch.as_tensor(pred).double().squeeze(), torch.as_tensor(target).double().squeeze()
     if pred.shape != target.shape or pred.ndim != 2:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must be the same (H, W) map; resize the prediction to the ground truth first.")
+    if not 0 <= min_depth < max_depth: raise ValueError(f"min_depth={min_depth} and max_depth={max_depth}: use 0 <= min_depth < max_depth.")
     valid = (target > min_depth) & (target < max_depth)
     if eigen_crop: valid &= eigen_mask(*target.shape)
     g, p = target[valid], pred[valid].clamp(min_depth, max_depth)
@@ -197,6 +260,7 @@ def depth_metrics(pred: torch.Tensor, target: torch.Tensor, min_depth: float = 1
                 silog=float(((err ** 2).mean() - err.mean() ** 2).clamp_min(0).sqrt() * 100),
                 **{f"d{i}": float((ratio < 1.25 ** i).double().mean() * 100) for i in (1, 2, 3)})
 
+# %% ../nbs/03c_metrics.ipynb #78e5b67a
 def mean_metrics(per_image: list[dict]) -> dict[str, float]:
     "Average a list of per-image metric dicts key by key, ignoring NaN (images with no valid pixel)."
     keys = per_image[0].keys() if per_image else []
@@ -205,11 +269,35 @@ def mean_metrics(per_image: list[dict]) -> dict[str, float]:
 # %% ../nbs/03c_metrics.ipynb #830bdb85
 def region_j(pred: torch.Tensor, gt: torch.Tensor, void: torch.Tensor | None = None) -> float:
     "Jaccard index (IoU) of two boolean masks, ignoring `void` pixels; 1 when both are empty."
-    pred, gt = torch.as_tensor(pred).bool(), torch.as_tensor(gt).bool()
-    if void is not None: keep = ~torch.as_tensor(void).bool(); pred, gt = pred & keep, gt & keep
+    pred, gt = _masks(pred, gt, void)
     union = (pred | gt).sum().item()
     return 1.0 if union == 0 else (pred & gt).sum().item() / union
 
+# %% ../nbs/03c_metrics.ipynb #f9dd0df5
+def boundary_f(pred: torch.Tensor,         # (H, W) predicted mask
+               gt: torch.Tensor,           # (H, W) true mask
+               void: torch.Tensor | None = None,   # (H, W) pixels left out of both, or None
+               bound_th: float = 0.008) -> float:  # tolerance: fraction of the diagonal (< 1) or pixels (>= 1)
+    "DAVIS boundary F-measure of two boolean masks with tolerance `bound_th` x image diagonal (or pixels if >= 1)."
+    pred, gt = _masks(pred, gt, void)
+    if bound_th <= 0: raise ValueError(f"bound_th={bound_th}: use a fraction of the diagonal in (0, 1) or pixels >= 1.")
+    r = int(bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*pred.shape)))
+    bp, bg = _boundary(pred), _boundary(gt)
+    n_p, n_g = bp.sum().item(), bg.sum().item()
+    if n_p == 0 and n_g == 0: return 1.0
+    if n_p == 0 or n_g == 0: return 0.0
+    prec = (bp & _dilate(bg, r)).sum().item() / n_p; rec = (bg & _dilate(bp, r)).sum().item() / n_g
+    return 0.0 if prec + rec == 0 else 2 * prec * rec / (prec + rec)
+
+# %% ../nbs/03c_metrics.ipynb #ef440834
+def _masks(pred, gt, void) -> tuple[torch.Tensor, torch.Tensor]:
+    "Boolean `(H, W)` masks of the same shape, with `void` pixels cleared from both."
+    pred, gt = torch.as_tensor(pred).bool(), torch.as_tensor(gt).bool()
+    if pred.shape != gt.shape: raise ValueError(f"pred {tuple(pred.shape)} and gt {tuple(gt.shape)} must have the same shape.")
+    if void is not None: keep = ~torch.as_tensor(void).bool(); pred, gt = pred & keep, gt & keep
+    return pred, gt
+
+# %% ../nbs/03c_metrics.ipynb #c9097ca7
 def _boundary(mask: torch.Tensor) -> torch.Tensor:
     "One-pixel boundary: pixels that differ from their right, lower or lower-right neighbour."
     m = mask.bool(); e = torch.zeros_like(m); s = torch.zeros_like(m); se = torch.zeros_like(m)
@@ -218,22 +306,21 @@ def _boundary(mask: torch.Tensor) -> torch.Tensor:
     b[-1, :] = m[-1, :] ^ e[-1, :]; b[:, -1] = m[:, -1] ^ s[:, -1]; b[-1, -1] = False
     return b
 
+# %% ../nbs/03c_metrics.ipynb #159d8a86
 def _dilate(b: torch.Tensor, r: int) -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
     disk = ((yy ** 2 + xx ** 2) <= r * r).float()[None, None]
     return F.conv2d(b.float()[None, None], disk, padding=r)[0, 0] > 0
 
-def boundary_f(pred: torch.Tensor, gt: torch.Tensor, void: torch.Tensor | None = None, bound_th: float = 0.008) -> float:
-    "DAVIS boundary F-measure of two boolean masks with tolerance `bound_th` x image diagonal (or pixels if >= 1)."
-    pred, gt = torch.as_tensor(pred).bool(), torch.as_tensor(gt).bool()
-    if void is not None: keep = ~torch.as_tensor(void).bool(); pred, gt = pred & keep, gt & keep
-    r = int(bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*pred.shape)))
-    bp, bg = _boundary(pred), _boundary(gt)
-    n_p, n_g = bp.sum().item(), bg.sum().item()
-    if n_p == 0 and n_g == 0: return 1.0
-    if n_p == 0 or n_g == 0: return 0.0
-    prec = (bp & _dilate(bg, r)).sum().item() / n_p; rec = (bg & _dilate(bp, r)).sum().item() / n_g
-    return 0.0 if prec + rec == 0 else 2 * prec * rec / (prec + rec)
+# %% ../nbs/03c_metrics.ipynb #ab7f41a6
+def davis_stats(per_frame) -> tuple[float, float, float]:
+    "Mean, recall (fraction > 0.5) and decay (first-quarter mean minus last-quarter mean) of per-frame J or F values."
+    v = np.asarray(per_frame, dtype=np.float64).ravel()
+    if v.size == 0: raise ValueError("no per-frame values to summarise (a sequence needs at least 2 frames).")
+    ids = (np.round(np.linspace(1, len(v), 5) + 1e-10) - 1).astype(np.int64)
+    quarters = [v[ids[i]:ids[i + 1] + 1] for i in range(4)]
+    with np.errstate(invalid="ignore"):
+        return float(np.nanmean(v)), float(np.mean(v > 0.5)), float(np.nanmean(quarters[0]) - np.nanmean(quarters[3]))
 
 # %% ../nbs/03c_metrics.ipynb #baaa016d
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -244,9 +331,11 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     area = lambda x: (x[:, 2:] - x[:, :2]).clamp_min(0).prod(-1)
     return inter / (area(a)[:, None] + area(b)[None, :] - inter).clamp_min(1e-12)
 
+# %% ../nbs/03c_metrics.ipynb #636d7003
 def corloc(pred_boxes: list, gt_boxes: list, thresh: float = 0.5) -> float:
     "Percentage of images whose predicted box `(4,)` has IoU >= `thresh` with one of its ground-truth boxes `(M, 4)`."
     if len(pred_boxes) != len(gt_boxes): raise ValueError(f"{len(pred_boxes)} predictions for {len(gt_boxes)} images.")
     if not pred_boxes: raise ValueError("no images to score.")
+    if not 0 < thresh <= 1: raise ValueError(f"thresh={thresh}: an IoU threshold must be in (0, 1].")
     hits = [bool(len(torch.as_tensor(g).reshape(-1, 4)) and box_iou(p, g).max() >= thresh) for p, g in zip(pred_boxes, gt_boxes)]
     return 100.0 * sum(hits) / len(hits)

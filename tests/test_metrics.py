@@ -152,3 +152,36 @@ def test_box_iou_and_corloc():
     fct.test_eq(corloc([a[0], a[1]], [b, b]), 50.0)
     fct.test_eq(corloc([a[0]], [torch.zeros(0, 4)]), 0.0)                # an image without boxes cannot be a hit
     fct.test_fail(lambda: corloc([a[0]], [b, b]), contains="predictions for")
+
+
+def test_blocked_cost_table_equals_the_formula():
+    "The cost table is built in blocks above the diagonal; check it against the direct formula across block edges."
+    from dvt.metrics import _cost, _BLOCK
+    rng = np.random.default_rng(5)
+    p, nq = 2 * _BLOCK + 37, 3
+    cum = np.concatenate((np.zeros((1, nq), np.int64), np.cumsum(rng.integers(0, 3, (p, nq)) + np.eye(nq, dtype=np.int64)[rng.integers(0, nq, p)], 0)))
+    n = int(cum[-1].sum()); T = np.arange(n + 1.0); T = T * np.log(np.maximum(T, 1))
+    got = _cost(cum, T)
+    d = cum[None] - cum[:, None]; m = d.sum(-1)
+    ref = np.where(m > 0, T[np.maximum(m, 0)] - T[np.maximum(d, 0)].sum(-1), np.inf)
+    ref[np.tril_indices(p + 1)] = np.inf
+    np.testing.assert_allclose(got, ref, rtol=1e-13, atol=1e-9)
+    assert np.isinf(got[np.tril_indices(p + 1)]).all()
+
+
+def test_position_mic_rejects_k_below_one():
+    f = torch.randn(6, 6, 5, generator=torch.Generator().manual_seed(0))
+    for k in (0, -1, 1.5):
+        fct.test_fail(lambda: position_mic(f, k=k), contains="integer >= 1")
+    fct.test_eq(len(position_mic(f, k=1)["row"]), 1)
+
+
+def test_small_cost_table_equals_the_formula():
+    from dvt.metrics import _cost, _SMALL
+    rng = np.random.default_rng(6)
+    cum = np.concatenate((np.zeros((1, 4), np.int64), np.cumsum(rng.integers(1, 4, (20, 4)), 0)))
+    assert len(cum) ** 2 * 4 <= _SMALL                                   # the one-gather path
+    n = int(cum[-1].sum()); T = np.arange(n + 1.0); T = T * np.log(np.maximum(T, 1))
+    d = cum[None] - cum[:, None]; m = d.sum(-1)
+    ref = np.where(m > 0, T[np.maximum(m, 0)] - T[np.maximum(d, 0)].sum(-1), np.inf); ref[np.tril_indices(21)] = np.inf
+    np.testing.assert_allclose(_cost(cum, T), ref, rtol=1e-13, atol=1e-9)
