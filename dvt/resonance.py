@@ -4,23 +4,25 @@
 
 # %% ../nbs/03b_srt.ipynb #d20480d1
 from __future__ import annotations
-import json, os, subprocess, sys, time, warnings
+import os, warnings
 from dataclasses import dataclass
-from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 from tqdm.auto import tqdm
+from .config import make_config
+from .contract import BackboneSpec, BackboneWrapper, check_backbone, grid_shape
 from .data import check_images
 
 # %% auto #0
-__all__ = ['AGGS', 'OUTPUTS', 'FILLS', 'IMPLS', 'IMAGENET_MEAN', 'shift_grid', 'grey_of', 'pad_images', 'shift_images', 'Axis',
-           'srt_axes', 'nan_median', 'check_backbone', 'srt', 'PatchMeanBackbone', 'srt_memory_probe', 'SRTTeacher',
-           'srt_throughput', 'write_cpu_benchmark']
+__all__ = ['AGGS', 'OUTPUTS', 'FILLS', 'IMPLS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'SRT_PRESETS', 'shift_grid', 'phase_grid',
+           'grey_of', 'pad_images', 'shift_images', 'Axis', 'srt_axes', 'nan_median', 'SRTConfig', 'srt',
+           'PatchMeanBackbone', 'noise_ensemble', 'output_ensemble', 'bicubic_pool', 'SRTBaseline', 'SRTTeacher']
 
 # %% ../nbs/03b_srt.ipynb #a98b43f6
 AGGS, OUTPUTS, FILLS, IMPLS = ("mean", "median"), ("tokens", "pixels", "fine"), ("reflect", "replicate", "grey"), ("auto", "token", "pixel")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def shift_grid(radius: int = 3, step: int = 1) -> list[tuple[int, int]]:
     "The integer pixel shifts `(dx, dy)` on the grid `[-radius, radius]²` with stride `step`, row-major."
@@ -31,6 +33,15 @@ def shift_grid(radius: int = 3, step: int = 1) -> list[tuple[int, int]]:
     r = range(-radius, radius + 1, step)
     return [(dx, dy) for dy in r for dx in r]
 
+# %% ../nbs/03b_srt.ipynb #207e17fc
+def phase_grid(patch: int, phases: int = 2) -> list[tuple[int, int]]:
+    "`phases²` shifts `(dx, dy)`, `patch / phases` px apart and centred on 0: one view per patch-grid phase."
+    if isinstance(phases, bool) or not isinstance(phases, int) or not 1 <= phases <= patch:
+        raise ValueError(f"phases={phases!r} must be an integer in [1, patch={patch}] (phases per axis; 2 gives 4 views "
+                         "at half-patch offsets).")
+    o = [patch * i // phases - patch * (phases - 1) // (2 * phases) for i in range(phases)]
+    return [(dx, dy) for dy in o for dx in o]
+
 # %% ../nbs/03b_srt.ipynb #2c022b5f
 def grey_of(backbone) -> torch.Tensor:
     "The backbone's normalisation mean `(3,)` (what 0 means after normalisation), else ImageNet's."
@@ -39,7 +50,11 @@ def grey_of(backbone) -> torch.Tensor:
         if isinstance(mean, torch.Tensor) and mean.numel() == 3: return mean.detach().flatten().float()
     return torch.tensor(IMAGENET_MEAN)
 
-def pad_images(images: torch.Tensor, pad: int, fill: str = "reflect", grey: torch.Tensor | None = None) -> torch.Tensor:
+def pad_images(images: torch.Tensor,             # (B, 3, H, W)
+               pad: int,                          # pixels added on every side
+               fill: str = "reflect",             # 'reflect', 'replicate' or 'grey'
+               grey: torch.Tensor | None = None,  # (3,) the 'grey' colour (default: ImageNet's mean)
+              ) -> torch.Tensor:
     "Pad `(B, 3, H, W)` images by `pad` px on every side with `fill`: 'reflect', 'replicate' or 'grey' (a constant colour)."
     if fill not in FILLS: raise ValueError(f"fill={fill!r} is unknown; use one of {FILLS}.")
     if pad == 0: return images
@@ -51,7 +66,12 @@ def pad_images(images: torch.Tensor, pad: int, fill: str = "reflect", grey: torc
                          "Use a smaller radius or fill='replicate'.")
     return F.pad(images, (pad,) * 4, mode=fill)
 
-def shift_images(images: torch.Tensor, dx: int, dy: int, fill: str = "reflect", grey: torch.Tensor | None = None) -> torch.Tensor:
+def shift_images(images: torch.Tensor,             # (B, 3, H, W)
+                 dx: int,                          # pixels to the right (negative: left)
+                 dy: int,                          # pixels down (negative: up)
+                 fill: str = "reflect",            # the uncovered border: 'reflect', 'replicate' or 'grey'
+                 grey: torch.Tensor | None = None, # (3,) the 'grey' colour (default: ImageNet's mean)
+                ) -> torch.Tensor:
     "Translate `(B, 3, H, W)` images by `(dx, dy)` px (content moves right/down), filling the uncovered border with `fill`."
     r, (H, W) = max(abs(dx), abs(dy)), images.shape[-2:]
     return pad_images(images, r, fill, grey)[..., r - dy:r - dy + H, r - dx:r - dx + W]
@@ -84,29 +104,36 @@ class Axis:
         return ((y >= k * self.cell_stride) & (y < k * self.cell_stride + self.cell)).float()
 
 # %% ../nbs/03b_srt.ipynb #b9ed9b3b
-def _shifted(self: Axis, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+@patch
+def shifted(self: Axis, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     "Upsampling matrix `(n_field, n_tok)` of a view shifted by `d` px and moved back (row `y` reads `y + d`), and its valid rows `(n_field,)`."
     src = torch.arange(self.n_field) + d
     ok = (src >= 0) & (src < self.n_field)
     m = torch.zeros(self.n_field, self.n_tok); m[ok] = self.upsample()[src[ok]]
     return m, ok.float()
 
-def _weights(self: Axis, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+@patch
+def weights(self: Axis, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     "Overlap weights `(n_out, n_tok)` of a view shifted by `d` on the output cells, and each cell's covered pixel count `(n_out,)`."
     m, ok = self.shifted(d); D = self.pool()
     return D @ m, D @ ok
 
-Axis.shifted, Axis.weights = _shifted, _weights
-
 # %% ../nbs/03b_srt.ipynb #2e956db3
-def srt_axes(H: int, W: int, patch: int, stride: int, output: str = "tokens", factor: int = 2,
-             paper: bool = False, paper_patch: int | None = None) -> tuple[Axis, Axis]:
+def srt_axes(H: int,                         # image height (px)
+             W: int,                         # image width (px)
+             patch: int,                     # the backbone's patch size
+             stride: int,                    # its token spacing
+             output: str = "tokens",         # output cells: 'tokens', 'pixels' or 'fine'
+             factor: int = 2,                # density of 'fine' cells against the token grid
+             paper: bool = False,            # the released geometry (nearest x paper_patch field, stride == patch)
+             paper_patch: int | None = None, # the released scripts' patch (None: `patch`)
+            ) -> tuple[Axis, Axis]:
     "The `(y, x)` `Axis` pair for an `H x W` image: the corrected geometry, or the released code's with `paper=True`."
     if output not in OUTPUTS: raise ValueError(f"output={output!r} is unknown; use one of {OUTPUTS}.")
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
         raise ValueError(f"factor={factor!r} must be a positive integer (how many times denser than the token grid 'fine' is).")
     p, s = patch, stride
-    h, w = (H - p) // s + 1, (W - p) // s + 1
+    h, w = grid_shape(H, W, p, s)
     if paper:
         f = paper_patch or p
         if s != p: raise ValueError(f"paper=True reproduces the released SRT code, which assumes stride == patch; this backbone has "
@@ -130,6 +157,7 @@ def srt_axes(H: int, W: int, patch: int, stride: int, output: str = "tokens", fa
 
 # %% ../nbs/03b_srt.ipynb #e18fe7f0
 _BUDGET = 2 ** 25  # elements (128 MB of float32) of one temporary block: bounds pixel fields and median strips
+_VIEW_BYTES = 2 ** 28  # bytes (256 MB) of shifted input views stacked for one forward pass (one view if a single one is larger)
 
 class _Agg:
     "Running aggregation of re-aligned views into `(B, n_out_y, n_out_x, C)` outputs."
@@ -158,7 +186,7 @@ class _TokenMean(_Agg):
             cy = torch.stack([self.wy[dy][1] for _, dy in self.views]); cx = torch.stack([self.wx[dx][1] for dx, _ in self.views])
             self.den1 = cy.T @ cx                                                 # (oy, ox): covered (view, pixel) pairs
 
-    def add(self, toks: torch.Tensor, img: torch.Tensor, shifts: list[tuple[int, int]]):
+    def add(self, toks: torch.Tensor, img: torch.Tensor, shifts: list[tuple[int, int]], vidx: torch.Tensor | None = None):
         self._alloc(toks); n, h, w, C = toks.shape
         oy, ox = self.num.shape[1:3]
         Wy = torch.stack([self.wy[dy][0] for _, dy in shifts]).to(toks)           # (n, oy, h)
@@ -190,7 +218,7 @@ class _PixelMean(_Agg):
         k, s = (self.ay.cell, self.ax.cell), (self.ay.cell_stride, self.ax.cell_stride)
         return F.avg_pool2d(x, k, s) * (k[0] * k[1])
 
-    def add(self, toks: torch.Tensor, img: torch.Tensor, shifts: list[tuple[int, int]]):
+    def add(self, toks: torch.Tensor, img: torch.Tensor, shifts: list[tuple[int, int]], vidx: torch.Tensor | None = None):
         self._alloc(toks)
         if self.den is None: self.den = toks.new_zeros(self.B, *self.num.shape[1:3])
         Hf, Wf, C = self.ay.n_field, self.ax.n_field, toks.shape[-1]
@@ -230,89 +258,186 @@ class _Median(_Agg):
             for y0 in range(0, Hf, rows):
                 f = torch.einsum("nri,nijc->nrjc", My[:, y0:y0 + rows], T)
                 f = torch.einsum("nxj,nrjc->nrxc", Mx, f)                       # (N, rows, Wf, C) re-aligned fields
-                if not self.count_all:                                          # released code: uncovered pixels are zeros
-                    f[(vy[:, y0:y0 + rows, None] * vx[:, None, :]) == 0] = float("nan")
-                self.num[b] += torch.einsum("kr,rxc,lx->klc", self.Dy[:, y0:y0 + rows], nan_median(f), self.Dx)
+                if self.count_all: med = f.median(0).values                     # released: zeros count, the lower middle
+                else:
+                    f[(vy[:, y0:y0 + rows, None] * vx[:, None, :]) == 0] = float("nan")   # tokens are finite: NaN = not seen
+                    med = nan_median(f)
+                self.num[b] += torch.einsum("kr,rxc,lx->klc", self.Dy[:, y0:y0 + rows], med, self.Dx)
         self.den = self.area.expand(self.B, -1, -1)
         return super().result()
 
+# %% ../nbs/03b_srt.ipynb #88da122a
+@dataclass(frozen=True)
+class SRTConfig:
+    "Settings of `srt`: which shifts, how views are aggregated and onto which cells, and the resources it may use."
+    radius: int = 3                     # shifts (dx, dy) in [-radius, radius]² px (3: the paper's NYUv2/ADE20K setting)
+    step: int = 1                       # stride of the shift grid (radius 6, step 2: the released visualisation)
+    phases: int | None = None           # instead of the grid: phases² views at patch/phases offsets (2: four half-patch phases)
+    agg: str = "mean"                   # 'mean' or 'median' over the views that saw each pixel
+    output: str = "tokens"              # 'tokens' (the backbone's grid), 'pixels', or 'fine' (`factor` x denser than the tokens)
+    factor: int = 2                     # density of output='fine'
+    layers: tuple[int, ...] | None = None  # several layers at once (needs backbone.features): the result is a list
+    prefix: bool = False                # also return the prefix (CLS, register) tokens (B, P, C), aggregated over all views
+    batch_size: int = 32                # views per forward pass (lowered automatically to fit max_memory_gb)
+    fill: str | None = None             # border of shifted images: 'reflect' (None), 'replicate', 'grey' (None with paper)
+    impl: str = "auto"                  # implementation of the mean: 'token' (= 'auto') or 'pixel'
+    paper: bool = False                 # the released code: grey fill, / N, the centre view twice, torch.median
+    paper_patch: int | None = None      # with paper: the grid shifts are undone on (None: the backbone's patch)
+    max_memory_gb: float | None = None  # srt's own buffers (not the backbone's activations); None: the device's free memory
+    progress: bool = True               # a progress bar over batches of views
+
+SRT_PRESETS = {"default": SRTConfig(), "paper": SRTConfig(paper=True, fill="grey", paper_patch=16), "phases": SRTConfig(phases=2)}
+
+# %% ../nbs/03b_srt.ipynb #a821fdb3
+@patch
+def validate(self: SRTConfig):
+    "Check every setting; each error names the setting and its fix."
+    shift_grid(self.radius, self.step)
+    for k, ok in (("agg", AGGS), ("output", OUTPUTS), ("impl", IMPLS), ("fill", FILLS + (None,))):
+        if getattr(self, k) not in ok: raise ValueError(f"{k}={getattr(self, k)!r} is unknown; use one of {ok}.")
+    if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+        raise ValueError(f"batch_size={self.batch_size!r} must be a positive integer (views per forward pass).")
+    if self.phases is not None and (isinstance(self.phases, bool) or not isinstance(self.phases, int) or self.phases < 1):
+        raise ValueError(f"phases={self.phases!r} must be None (the shift grid) or an integer >= 1 (phases per axis).")
+    if self.phases is not None and self.paper:
+        raise ValueError("phases and paper=True cannot be combined: the released code uses the full shift grid. Drop one of them.")
+    if self.max_memory_gb is not None and not self.max_memory_gb > 0:
+        raise ValueError(f"max_memory_gb={self.max_memory_gb!r} must be positive (GB), or None for the device's free memory.")
+    if self.layers is not None and not all(isinstance(l, int) for l in self.layers):
+        raise ValueError(f"layers={self.layers!r} must be a list of block indices (ints), or None for the backbone's own layer.")
+
 # %% ../nbs/03b_srt.ipynb #0a1574fb
-def _extract(backbone: nn.Module, x: torch.Tensor, layers) -> list[torch.Tensor]:
-    if layers is None: return [backbone(x)]
+def _extract(backbone: nn.Module, x: torch.Tensor, layers, prefix: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    "Tokens `[(n, h, w, C)]` (one per layer) and, with `prefix`, the prefix tokens `[(n, P, C)]` of views `x` `(n, 3, H, W)`."
+    if layers is None and not prefix: return [backbone(x)], []
     feats = getattr(backbone, "features", None)
     if not callable(feats):
-        raise TypeError(f"layers={layers!r} needs a backbone with .features(images, layers=...) (e.g. dvt.backbones.Backbone); "
-                        f"{type(backbone).__name__} has none. Pass layers=None, or one backbone per layer.")
-    return list(feats(x, layers=list(layers)))
+        what = f"layers={list(layers)!r}" if layers is not None else "prefix=True"
+        raise TypeError(f"{what} needs a backbone with .features(images, layers=..., prefix=...) (e.g. dvt.backbones.Backbone); "
+                        f"{type(backbone).__name__} has none. Pass layers=None and prefix=False, or one backbone per layer.")
+    out = feats(x, layers=None if layers is None else list(layers), prefix=prefix)
+    toks, pre = out if prefix else (out, None)
+    return ([toks] if layers is None else list(toks)), ([] if not prefix else [pre] if layers is None else list(pre))
+
+def _check_finite(ts: list[torch.Tensor], labels: list[str]):
+    "Raise, naming the view (`labels[i]`, e.g. its image and shift), when the backbone returned NaN or Inf for it."
+    for t in ts:
+        bad = (~torch.isfinite(t)).flatten(1).any(1)                           # (n,) one flag per view
+        if bad.any():
+            i, n = int(bad.nonzero()[0]), int(bad.sum())
+            raise ValueError(f"the backbone returned NaN/Inf tokens for {labels[i]} ({n} of {len(bad)} views in this batch); "
+                             "they are neither averaged nor dropped. Check the image and the model (weights; fp16/bf16 overflow: "
+                             "try float32).")
 
 def _device(m) -> torch.device:
     t = next(iter(m.parameters()), None) if isinstance(m, nn.Module) else None
     if t is None and isinstance(m, nn.Module): t = next(iter(m.buffers()), None)
     return t.device if t is not None else torch.device("cpu")
 
-def check_backbone(backbone) -> tuple[int, int]:
-    "The `(patch_size, stride)` of a module obeying the backbone contract, or a `TypeError` saying what is missing."
-    p, s = getattr(backbone, "patch_size", None), getattr(backbone, "stride", None)
-    if not callable(backbone) or isinstance(p, bool) or not isinstance(p, int) or p < 1:
-        raise TypeError(f"{type(backbone).__name__} does not follow the backbone contract: it needs an integer .patch_size and .stride "
-                        "and must map (B, 3, H, W) images in [0, 1] to (B, h, w, C) tokens (e.g. dvt.backbones.Backbone).")
-    s = p if s is None else s
-    if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= p:
-        raise TypeError(f"backbone stride {s!r} must be an integer in [1, patch_size={p}].")
-    return p, s
-
 # %% ../nbs/03b_srt.ipynb #6df842a1
-def _check_call(p, s, images, radius, step, agg, output, batch_size, fill, impl, paper):
-    if agg not in AGGS: raise ValueError(f"agg={agg!r} is unknown; use one of {AGGS}.")
-    if output not in OUTPUTS: raise ValueError(f"output={output!r} is unknown; use one of {OUTPUTS}.")
-    if impl not in IMPLS: raise ValueError(f"impl={impl!r} is unknown; use one of {IMPLS}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer (views per forward pass).")
-    if fill not in FILLS: raise ValueError(f"fill={fill!r} is unknown; use one of {FILLS}.")
-    views = shift_grid(radius, step) + ([(0, 0)] if paper else [])           # released code: the centre view once more
+def _check_call(spec: BackboneSpec, images: torch.Tensor, cfg: SRTConfig) -> tuple[torch.Tensor, list[tuple[int, int]], str]:
+    "The checked images `(B, 3, H, W)`, the shifts `[(dx, dy)]` and the border fill of a call."
+    p = spec.patch_size
+    views = phase_grid(p, cfg.phases) if cfg.phases else shift_grid(cfg.radius, cfg.step) + ([(0, 0)] if cfg.paper else [])
     images = check_images(images, min_size=p)
     H, W = images.shape[-2:]
-    for n, what in ((H, "height"), (W, "width")):
-        if (n - p) % s:
-            k = (n - p) // s
-            raise ValueError(f"image {what} {n} does not fit patch {p} / stride {s}: (size - {p}) must be a multiple of {s}; "
-                             f"resize or crop to {p + k * s} or {p + (k + 1) * s} first (e.g. dvt.data.resize_images).")
-    if 2 * radius >= min(H, W): raise ValueError(f"radius={radius} is too large for {H}x{W} images; it must be below {min(H, W) / 2}.")
-    if radius >= p: warnings.warn(f"radius={radius} >= patch size {p}: shifts of a whole token or more are not sub-token, they only "
-                                  f"blur; SRT uses radius < patch (the paper: 1 to 6 px for 14/16-px patches).", stacklevel=3)
-    return images, views
+    grid_shape(H, W, p, spec.stride)
+    reach = max(max(abs(dx), abs(dy)) for dx, dy in views)
+    if 2 * reach >= min(H, W): raise ValueError(f"radius={reach} is too large for {H}x{W} images; it must be below {min(H, W) / 2}.")
+    if reach >= p: warnings.warn(f"radius={reach} >= patch size {p}: shifts of a whole token or more are not sub-token, they only "
+                                 f"blur; SRT uses radius < patch (the paper: 1 to 6 px for 14/16-px patches).", stacklevel=3)
+    return images, views, cfg.fill or ("grey" if cfg.paper else "reflect")
+
+# %% ../nbs/03b_srt.ipynb #4b3382b6
+def _plan(cfg: SRTConfig, shape: tuple[int, ...], n_views: int, reach: int, ay: Axis, ax: Axis, C: int, kind: str,
+          device: torch.device) -> int:
+    "Views per forward pass keeping `srt`'s own buffers within `cfg.max_memory_gb`, else a `MemoryError` with what lowers them."
+    B, _, H, W = shape
+    L, f4, (h, w, oy, ox) = len(cfg.layers or [0]), 4, (ay.n_tok, ax.n_tok, len(ay.pool()), len(ax.pool()))
+    field, row = C * ay.n_field * ax.n_field, n_views * ax.n_field * C          # one pixel field; one row of the median's strips
+    fixed = {"the padded images": B * 3 * (H + 2 * reach) * (W + 2 * reach) * f4,
+             "the output": L * 2 * B * oy * ox * C * f4,
+             "the median's stored tokens": L * B * n_views * h * w * C * f4 if kind == "median" else 0,
+             "the median's pixel strips": 4 * row * min(ay.n_field, max(1, _BUDGET // row)) * f4 if kind == "median" else 0,
+             "the pixel fields": 3 * field * min(cfg.batch_size, max(1, _BUDGET // field)) * f4 if kind == "pixel" else 0}
+    per_view = (3 * H * W + L * h * w * C + (L * 2 * oy * w * C if kind == "token" else 0)) * f4
+    limit = cfg.max_memory_gb * 1e9 if cfg.max_memory_gb is not None else _free_bytes(device)
+    k = int((limit - sum(fixed.values())) // per_view)
+    if k >= 1: return min(cfg.batch_size, k, max(1, _VIEW_BYTES // (3 * H * W * f4)))   # never a huge stack of full-size views
+    need, top = sum(fixed.values()) + per_view, max(fixed, key=fixed.get)
+    hint = {"the padded images": "fewer or smaller images per call (dvt.data.resize_images)",
+            "the output": "output='tokens' or output='fine' instead of 'pixels', or fewer images per call",
+            "the median's stored tokens": "agg='mean' (memory flat in the number of views) or fewer views (radius, step, phases)",
+            "the median's pixel strips": "agg='mean' (at token resolution, no pixel field) or smaller images",
+            "the pixel fields": "impl='token' (the default) or smaller images"}[top]
+    raise MemoryError(f"srt needs about {need / 1e9:.2f} GB of its own for {B} image(s) of {H}x{W} with {n_views} views and C={C} "
+                      f"({', '.join(f'{k_} {v / 1e9:.2f} GB' for k_, v in fixed.items() if v)}, {per_view / 1e9:.3f} GB per view), "
+                      f"more than the {limit / 1e9:.2f} GB allowed (max_memory_gb={cfg.max_memory_gb}). The largest part is {top}: "
+                      f"lower it with {hint}; or raise max_memory_gb.")
+
+def _free_bytes(device: torch.device) -> float:
+    "Free memory of `device` in bytes: CUDA's free memory, else the operating system's available memory (inf if unknown)."
+    if device.type == "cuda": return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f: return next(float(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError): pass
+    try: return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError): return float("inf")
 
 # %% ../nbs/03b_srt.ipynb #b959364e
 @torch.no_grad()
-def srt(backbone: nn.Module, images: torch.Tensor, radius: int = 3, step: int = 1, agg: str = "mean", output: str = "tokens",
-        layers: list[int] | None = None, batch_size: int = 32, *, factor: int = 2, fill: str | None = None, impl: str = "auto",
-        paper: bool = False, paper_patch: int | None = None, progress: bool = True):
-    "Stochastic Resonance Transformer: features of `images` `(B, 3, H, W)` aggregated over every sub-token pixel shift."
-    p, s = check_backbone(backbone)
-    fill = fill or ("grey" if paper else "reflect")
-    images, views = _check_call(p, s, images, radius, step, agg, output, batch_size, fill, impl, paper)
+def srt(backbone: nn.Module, images: torch.Tensor, preset: str | SRTConfig = "default", **overrides):
+    "Stochastic Resonance Transformer: features of `images` `(B, 3, H, W)` aggregated over sub-token pixel shifts (see `SRTConfig`)."
+    if not isinstance(preset, (str, SRTConfig)):
+        raise TypeError(f"srt(backbone, images, {preset!r}): the third argument is the preset (a name in {sorted(SRT_PRESETS)} or an "
+                        f"SRTConfig); pass settings by name, e.g. srt(backbone, images, radius={preset!r}).")
+    cfg = make_config(SRTConfig, SRT_PRESETS, preset, what="SRT", **overrides)
+    spec = check_backbone(backbone, "dvt.srt")
+    images, views, fill = _check_call(spec, images, cfg)
     B, _, H, W = images.shape
-    ay, ax = srt_axes(H, W, p, s, output, factor, paper, paper_patch)
-    kind = "median" if agg == "median" else ("token" if impl == "auto" else impl)
+    ay, ax = srt_axes(H, W, spec.patch_size, spec.stride, cfg.output, cfg.factor, cfg.paper, cfg.paper_patch)
+    kind = "median" if cfg.agg == "median" else ("token" if cfg.impl == "auto" else cfg.impl)
+    reach, dev = max(max(abs(dx), abs(dy)) for dx, dy in views), _device(backbone)
+    per_batch = _plan(cfg, tuple(images.shape), len(views), reach, ay, ax, spec.embed_dim, kind, dev)
+    padded = pad_images(images.to(dev), reach, fill, grey_of(backbone))       # (B, 3, H + 2·reach, W + 2·reach)
     cls = {"median": _Median, "token": _TokenMean, "pixel": _PixelMean}[kind]
-    padded = pad_images(images.to(_device(backbone)), radius, fill, grey_of(backbone))  # (B, 3, H + 2r, W + 2r)
-    pairs = [(b, v) for b in range(B) for v in range(len(views))]
-    chunks, aggs = range(0, len(pairs), batch_size), None
-    quiet = {"disable": True} if not progress or len(chunks) < 2 else {}       # else tqdm's default (honours TQDM_DISABLE)
-    for c in tqdm(chunks, desc=f"SRT {len(views)} views", leave=False, **quiet):
-        chunk = pairs[c:c + batch_size]; sh = [views[v] for _, v in chunk]
-        x = torch.stack([padded[b, :, radius - dy:radius - dy + H, radius - dx:radius - dx + W] for (b, _), (dx, dy) in zip(chunk, sh)])
-        toks = _extract(backbone, x, layers)
-        if aggs is None: aggs = [cls(ay, ax, views, B, count_all=paper) for _ in toks]
-        img, vidx = torch.tensor([b for b, _ in chunk]), torch.tensor([v for _, v in chunk])
+    aggs, pre_store = None, None
+    for img, vidx, sh, toks, pre in _batches(backbone, padded, views, reach, (H, W), per_batch, cfg):
+        if aggs is None:
+            aggs = [cls(ay, ax, views, B, count_all=cfg.paper) for _ in toks]
+            pre_store = [p.new_zeros(B, len(views), *p.shape[1:], dtype=torch.float32) for p in pre]  # (B, N, P, C)
         for a, t in zip(aggs, toks):
             if t.ndim != 4 or tuple(t.shape[1:3]) != (ay.n_tok, ax.n_tok):
-                raise ValueError(f"the backbone returned {tuple(t.shape)} for {H}x{W} images; patch {p} / stride {s} imply "
-                                 f"(B, {ay.n_tok}, {ax.n_tok}, C) tokens.")
-            a.add(t.float(), img, sh, vidx) if kind == "median" else a.add(t.float(), img, sh)
-        del x, toks                                                             # free this batch before the next is built
+                raise ValueError(f"the backbone returned {tuple(t.shape)} for {H}x{W} images; patch {spec.patch_size} / stride "
+                                 f"{spec.stride} imply (B, {ay.n_tok}, {ax.n_tok}, C) tokens.")
+            a.add(t.float(), img, sh, vidx)
+        for s_, p in zip(pre_store, pre): s_[img.to(p.device), vidx.to(p.device)] = p.float()
     outs = [a.result() for a in aggs]
-    return outs if layers is not None else outs[0]
+    outs = outs if cfg.layers is not None else outs[0]
+    if not cfg.prefix: return outs
+    pres = [_aggregate_views(s_, cfg) for s_ in pre_store]
+    return outs, (pres if cfg.layers is not None else pres[0])
+
+# %% ../nbs/03b_srt.ipynb #46e24cec
+def _batches(backbone: nn.Module, padded: torch.Tensor, views: list[tuple[int, int]], reach: int, size: tuple[int, int],
+             per_batch: int, cfg: SRTConfig):
+    "Yield `(image index, view index, shifts, tokens, prefix tokens)` for batches of at most `per_batch` checked views."
+    (H, W), B = size, padded.shape[0]
+    pairs = [(b, v) for b in range(B) for v in range(len(views))]
+    chunks = range(0, len(pairs), per_batch)
+    quiet = {"disable": True} if not cfg.progress or len(chunks) < 2 else {}  # else tqdm's default (honours TQDM_DISABLE)
+    for c in tqdm(chunks, desc=f"SRT {len(views)} views", leave=False, **quiet):
+        chunk = pairs[c:c + per_batch]; sh = [views[v] for _, v in chunk]
+        x = torch.stack([padded[b, :, reach - dy:reach - dy + H, reach - dx:reach - dx + W] for (b, _), (dx, dy) in zip(chunk, sh)])
+        toks, pre = _extract(backbone, x, cfg.layers, cfg.prefix)
+        del x                                                                   # free this batch of views before the next
+        _check_finite(toks + pre, [f"image {b} shifted by (dx, dy) = {views[v]}" for b, v in chunk])
+        yield torch.tensor([b for b, _ in chunk]), torch.tensor([v for _, v in chunk]), sh, toks, pre
+
+def _aggregate_views(store: torch.Tensor, cfg: SRTConfig) -> torch.Tensor:
+    "Prefix tokens `(B, N, P, C)` of every view -> `(B, P, C)`: their mean, or median (the lower middle with `paper`)."
+    if cfg.agg == "mean": return store.mean(1)
+    return store.median(1).values if cfg.paper else nan_median(store, 1)
 
 # %% ../nbs/03b_srt.ipynb #c7737bff
 class PatchMeanBackbone(nn.Module):
@@ -326,112 +451,111 @@ class PatchMeanBackbone(nn.Module):
         t = F.avg_pool2d(images, self.patch_size, self.stride).permute(0, 2, 3, 1)   # (B, h, w, 3)
         return t if self.threshold is None else (t > self.threshold).float()
 
-# %% ../nbs/03b_srt.ipynb #48ab90d5
-def _probe_backbone(spec: str) -> nn.Module:
-    if spec.startswith("planted"):                                   # planted:C:p
-        from dvt.synthetic import PlantedBackbone
-        _, C, p = spec.split(":"); return PlantedBackbone(embed_dim=int(C), patch_size=int(p))
-    from dvt.backbones import Backbone
-    return Backbone(spec, pretrained=False)
+# %% ../nbs/03b_srt.ipynb #472ea658
+@torch.no_grad()
+def noise_ensemble(backbone: nn.Module,   # any backbone: (B, 3, H, W) in [0, 1] -> (B, h, w, C)
+                   images: torch.Tensor,  # (B, 3, H, W) in [0, 1]
+                   sigma: float = 0.01,   # noise std in normalised units (the released 1/100)
+                   n: int = 49,           # noisy copies: as many as SRT's shifts, (2r + 1)²
+                   seed: int = 0,         # of a local generator: the same noise every call, global RNG untouched
+                   batch_size: int = 32,  # images per forward pass
+                  ) -> torch.Tensor:
+    "Released baseline: tokens `(B, h, w, C)` averaged over the clean images and `n` copies with Gaussian input noise."
+    spec = check_backbone(backbone, "noise_ensemble")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0: raise ValueError(f"n={n!r} must be an integer >= 0 (noisy copies).")
+    if not sigma >= 0: raise ValueError(f"sigma={sigma!r} must be >= 0 (std in normalised units; the released value is 0.01).")
+    x = check_images(images, min_size=spec.patch_size).to(_device(backbone))
+    std, g, (B, total) = _norm_std(backbone).to(x).view(3, 1, 1), torch.Generator().manual_seed(seed), (len(x), None)
+    for c in range(0, (n + 1) * B, batch_size):
+        idx = range(c, min(c + batch_size, (n + 1) * B))                        # copy i // B of image i % B; copy 0 is clean
+        v = torch.stack([x[i] if i < B else (x[i % B] + sigma * std * torch.randn(x.shape[1:], generator=g).to(x)).clamp(0, 1)
+                         for i in idx])
+        t = backbone(v).float()
+        _check_finite([t], [f"image {i % B}, noisy copy {i // B}" for i in idx])
+        if total is None: total = t.new_zeros(B, *t.shape[1:])
+        total.index_add_(0, torch.tensor([i % B for i in idx], device=t.device), t)
+    return total / (n + 1)
 
-def _probe_main(cfg: dict):
-    import resource
-    torch.set_num_threads(cfg.get("threads", 2)); torch.manual_seed(0)
-    bb, rss = _probe_backbone(cfg["backbone"]).eval(), lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    x = torch.rand(1, 3, cfg["size"], cfg["size"])
-    with torch.no_grad(): bb(x.expand(cfg["batch_size"], -1, -1, -1).contiguous())   # warm-up: one plain batch
-    base = rss(); t0 = time.perf_counter()
-    srt(bb, x, cfg["radius"], cfg.get("step", 1), cfg.get("agg", "mean"), cfg.get("output", "tokens"), batch_size=cfg["batch_size"],
-        impl=cfg.get("impl", "auto"), progress=False)
-    print(json.dumps({**cfg, "N": len(shift_grid(cfg["radius"], cfg.get("step", 1))), "base_mb": round(base, 1),
-                      "peak_mb": round(rss(), 1), "extra_mb": round(rss() - base, 1), "seconds": round(time.perf_counter() - t0, 2)}))
+def _norm_std(backbone) -> torch.Tensor:
+    "The backbone's normalisation std `(3,)`, else ImageNet's."
+    for m in (backbone, getattr(backbone, "backbone", None)):
+        std = getattr(m, "std", None)
+        if isinstance(std, torch.Tensor) and std.numel() == 3: return std.detach().flatten().float()
+    return torch.tensor(IMAGENET_STD)
 
-def srt_memory_probe(backbone: str = "planted:384:14", size: int = 448, radius: int = 3, batch_size: int = 8, **kw) -> dict:
-    "Peak RSS (MB) of one `srt` call in a fresh process, and its excess over a plain forward pass of `batch_size` images."
-    cfg = dict(backbone=backbone, size=size, radius=radius, batch_size=batch_size, **kw)
-    code = f"from dvt.resonance import _probe_main; _probe_main({cfg!r})"
-    env = {**os.environ, "TQDM_DISABLE": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}  # big blocks always mmapped: RSS = live memory
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    if out.returncode: raise RuntimeError(f"memory probe failed: {out.stderr[-800:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+# %% ../nbs/03b_srt.ipynb #d71cd6d6
+@torch.no_grad()
+def output_ensemble(predict,               # dense predictor: images (B, 3, H, W) in [0, 1] -> (B, K, H, W) or (B, H, W)
+                    images: torch.Tensor,  # (B, 3, H, W) in [0, 1]
+                    radius: int = 3,       # shifts in [-radius, radius]² px, as for `srt`
+                    step: int = 1,         # stride of the shift grid
+                    paper: bool = False,   # the released arithmetic: grey border, zeros counted, / (N + 1), centre twice
+                    batch_size: int = 32,  # images per call of `predict`
+                   ) -> torch.Tensor:
+    "Released baseline: `predict`'s outputs averaged over shifted images, each prediction shifted back (output-space SRT)."
+    images = check_images(images)
+    B, _, H, W = images.shape
+    views, fill = shift_grid(radius, step) + ([(0, 0)] if paper else []), "grey" if paper else "reflect"
+    if 2 * radius >= min(H, W): raise ValueError(f"radius={radius} is too large for {H}x{W} images; it must be below {min(H, W) / 2}.")
+    num = den = None
+    for c in range(0, len(views), max(1, batch_size // B)):
+        sh = views[c:c + max(1, batch_size // B)]
+        y = predict(torch.cat([shift_images(images, dx, dy, fill) for dx, dy in sh]))
+        flat3 = y.ndim == 3
+        if flat3: y = y[:, None]
+        if y.ndim != 4 or y.shape[0] != len(sh) * B or tuple(y.shape[-2:]) != (H, W):
+            raise ValueError(f"predict must map ({len(sh) * B}, 3, {H}, {W}) images to ({len(sh) * B}, K, {H}, {W}) or "
+                             f"({len(sh) * B}, {H}, {W}) predictions at the image's size; it returned {tuple(y.shape)}.")
+        if num is None: num, den = y.new_zeros(B, y.shape[1], H, W, dtype=torch.float32), y.new_zeros(1, 1, H, W, dtype=torch.float32)
+        for j, (dx, dy) in enumerate(sh):                                       # row y of the re-aligned prediction reads row y + dy
+            y0, y1, x0, x1 = max(0, -dy), min(H, H - dy), max(0, -dx), min(W, W - dx)
+            num[..., y0:y1, x0:x1] += y[j * B:(j + 1) * B, :, y0 + dy:y1 + dy, x0 + dx:x1 + dx].float()
+            den[..., y0:y1, x0:x1] += 1
+    out = num / (len(views) if paper else den)
+    return out[:, 0] if flat3 else out
+
+# %% ../nbs/03b_srt.ipynb #76fc8439
+def bicubic_pool(tokens: torch.Tensor, patch: int) -> torch.Tensor:
+    "Released baseline: tokens `(B, h, w, C)` upsampled ×`patch` bicubically, then average-pooled back to `(B, h, w, C)`."
+    if tokens.ndim != 4: raise ValueError(f"tokens must have shape (B, h, w, C); got {tuple(tokens.shape)}.")
+    x = F.interpolate(tokens.permute(0, 3, 1, 2).float(), scale_factor=patch, mode="bicubic", align_corners=False)
+    return F.avg_pool2d(x, patch).permute(0, 2, 3, 1)
+
+class SRTBaseline(BackboneWrapper):
+    "A released SRT baseline as a backbone: `kind='noise'` (`noise_ensemble(backbone, images, **kwargs)`) or `'bicubic'` (`bicubic_pool`)."
+    def __init__(self, backbone: nn.Module, kind: str = "noise", **kwargs):
+        if kind not in ("noise", "bicubic"): raise ValueError(f"kind={kind!r} is unknown; use 'noise' or 'bicubic'.")
+        if kind == "bicubic" and kwargs: raise TypeError(f"kind='bicubic' takes no settings; got {sorted(kwargs)}.")
+        super().__init__(backbone)
+        self.kind, self.variant, self.kwargs = kind, kind, kwargs                  # the name: f"{kind}({inner name})"
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        "Baseline tokens `(B, h, w, C)` of `images` `(B, 3, H, W)` in [0, 1]."
+        if self.kind == "noise": return noise_ensemble(self.backbone, images, **self.kwargs)
+        with torch.no_grad(): return bicubic_pool(self.backbone(images), self.patch_size)
 
 # %% ../nbs/03b_srt.ipynb #c2cef98e
-class SRTTeacher(nn.Module):
+class SRTTeacher(BackboneWrapper):
     "`srt(backbone, images, ...)` tokens as a module: a backbone in its own right and a frozen teacher for `dvt.distill.distill`."
-    def __init__(self, backbone: nn.Module, radius: int = 3, step: int = 1, agg: str = "mean", batch_size: int = 32, **srt_kwargs):
-        super().__init__()
-        if "output" in srt_kwargs or "layers" in srt_kwargs:
-            raise ValueError("SRTTeacher gives tokens on the backbone's grid for its layer; output and layers cannot be set.")
-        check_backbone(backbone)
-        self.backbone, self.kwargs = backbone, dict(radius=radius, step=step, agg=agg, batch_size=batch_size, **srt_kwargs)
-
-    patch_size = property(lambda self: self.backbone.patch_size)
-    stride = property(lambda self: getattr(self.backbone, "stride", self.backbone.patch_size))
-    embed_dim = property(lambda self: self.backbone.embed_dim)
-    input_size = property(lambda self: self.backbone.input_size)
-    name = property(lambda self: f"srt({getattr(self.backbone, 'name', type(self.backbone).__name__)})")
+    variant = "srt"
+    def __init__(self, backbone: nn.Module, radius: int | None = None, preset: str | SRTConfig = "default", **srt_kwargs):
+        if {"output", "layers", "prefix"} & set(srt_kwargs):
+            raise ValueError("SRTTeacher gives tokens on the backbone's grid for its layer; output, layers and prefix cannot be set "
+                             "(use .features(images, layers=..., prefix=...)).")
+        super().__init__(backbone)                                             # checks the contract; geometry from the backbone
+        self.config = make_config(SRTConfig, SRT_PRESETS, preset, what="SRT", progress=False,
+                                  **({} if radius is None else {"radius": radius}), **srt_kwargs)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         "SRT tokens `(B, h, w, C)` of `images` `(B, 3, H, W)` in [0, 1]."
-        return srt(self.backbone, images, output="tokens", progress=False, **self.kwargs)
+        return srt(self.backbone, images, self.config)
 
-# %% ../nbs/03b_srt.ipynb #ceac8cfb
-def srt_throughput(backbone: nn.Module, images: torch.Tensor, radius: int = 3, step: int = 1, batch_size: int = 32,
-                   repeats: int = 2, **kw) -> dict:
-    "Best-of-`repeats` seconds (interleaved runs) of `srt` with `N` views against `B·N` plain forward passes in batches of `batch_size`."
-    n = len(shift_grid(radius, step)) * images.shape[0]
-    x = images.repeat_interleave(len(shift_grid(radius, step)), 0)
-    def plain():
-        with torch.no_grad():
-            for c in range(0, n, batch_size): backbone(x[c:c + batch_size])
-    def run(): srt(backbone, images, radius, step, batch_size=batch_size, progress=False, **kw)
-    times = {plain: [], run: []}
-    for _ in range(repeats):                                                    # interleaved, so load drift hits both
-        for f, ts in times.items(): t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
-    tp, ts = min(times[plain]), min(times[run])
-    return dict(N=n // images.shape[0], views=n, plain_s=round(tp, 3), srt_s=round(ts, 3), ratio=round(tp / ts, 3))
+# %% ../nbs/03b_srt.ipynb #6ad3d7e7
+@patch
+def features(self: SRTTeacher, images: torch.Tensor, layers: list[int] | None = None, prefix: bool = False):
+    "Like `Backbone.features`: SRT tokens `(B, h, w, C)` (a list for `layers`), with `prefix=True` also `(B, P, C)` averaged over the views."
+    return srt(self.backbone, images, self.config, layers=layers, prefix=prefix)
 
-# %% ../nbs/03b_srt.ipynb #8bc08fb7
-_BENCH_NOTES = [
-    "Reading: the probes run with MALLOC_MMAP_THRESHOLD_=65536, so freed large blocks go back to the OS and the RSS "
-    "high-water mark is the live peak. For the mean, compare rows with N >= batch_size (N = 1 runs a batch of one view): the working set is one batch "
-    "of views plus the accumulators, whatever N is; keeping the views instead would cost N pixel fields (308 MB each at "
-    "448²). The pixel implementation holds one full field at a time (plus its shifted copy). The median keeps "
-    "N·h·w·C token floats and builds pixel fields in strips of at most `_BUDGET` = 2^25 floats (128 MB), so its "
-    "temporaries stay bounded while its time grows with N (a median of N values at every pixel and channel).", ""]
-
-def write_cpu_benchmark(path: str | Path = "benchmarks/srt_cpu.md", model: str = "vit_small_patch14_dinov2.lvd142m",
-                        size: int = 224, radii: tuple[int, ...] = (1, 2, 3)) -> Path:
-    "Measure SRT's CPU throughput (vs plain forwards) and peak memory (vs N) and write them as a Markdown table to `path`."
-    import platform
-    from dvt.backbones import Backbone
-    from dvt.data import sample_image, resize_images
-    torch.manual_seed(0)
-    bb = Backbone(model, pretrained=False).eval()
-    img = resize_images(sample_image("astronaut")[None], size)
-    tput = [srt_throughput(bb, img, r, batch_size=16, repeats=3) for r in radii]
-    mem = [srt_memory_probe(size=sz, radius=r, output=o, agg=a, impl=i) for sz, o, a, i, rs in
-           [(448, "tokens", "mean", "auto", (0, 1, 3, 5)), (448, "tokens", "mean", "pixel", (0, 1, 3, 5)),
-            (224, "pixels", "mean", "auto", (0, 1, 3, 5)), (224, "tokens", "median", "auto", (0, 1, 2, 3))] for r in rs]
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
-    L = ["# SRT on CPU", "",
-         f"Command: `python -c \"from dvt.resonance import write_cpu_benchmark; write_cpu_benchmark()\"` (repo root)  ",
-         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-         f"({torch.get_num_threads()} threads), load average at the end {load[0]:.1f} (shared machine: timings are noisy)  ",
-         f"Date: {time.strftime('%Y-%m-%d %H:%M')}", "",
-         f"## Throughput: {model} (random init), one {size}² image, batch_size 16", "",
-         "| shifts N | plain N forwards (s) | srt (s) | throughput vs plain |", "|---|---|---|---|"]
-    L += [f"| {t['N']} | {t['plain_s']} | {t['srt_s']} | {t['ratio']:.2f}× |" for t in tput]
-    L += ["| GPU: 49 shifts, DINOv2-B at 518² | not measured (no GPU lent) | not measured | goal ≥ 0.9× |", "",
-          "## Peak memory vs N: PlantedBackbone C=384, p=14, one image, batch_size 8", "",
-          "Each row is a fresh process; `extra` = peak RSS of the `srt` call minus the peak after one plain forward pass "
-          "of 8 images (the model's own working memory). At 448² the token grid is 32×32 and a pixel field is "
-          "448²×384 floats = 308 MB; at 224² (16×16 tokens) the pixel output itself is 77 MB and the median keeps "
-          "16·16·384 floats = 0.39 MB per view.", "",
-          "| size | output | agg | impl | N | extra (MB) | peak RSS (MB) | seconds |", "|---|---|---|---|---|---|---|---|"]
-    L += [f"| {m['size']}² | {m['output']} | {m['agg']} | {m['impl']} | {m['N']} | {m['extra_mb']} | {m['peak_mb']} | {m['seconds']} |"
-          for m in mem]
-    L += ["| GPU peak memory vs N | | | | | not measured (no GPU lent) | | |", "", *_BENCH_NOTES]
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp"); tmp.write_text("\n".join(L)); tmp.replace(path)
-    return path
+@patch
+def prefix_tokens(self: SRTTeacher, images: torch.Tensor) -> torch.Tensor:
+    "The prefix tokens `(B, P, C)` (CLS, registers) aggregated over the same views as the patch tokens."
+    return self.features(images, prefix=True)[1]

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 import fastcore.test as fct
-from dvt.resonance import srt, shift_grid, PatchMeanBackbone, SRTTeacher, srt_memory_probe, IMAGENET_MEAN
+from dvt.resonance import (srt, shift_grid, phase_grid, shift_images, PatchMeanBackbone, SRTTeacher, SRTConfig, IMAGENET_MEAN,
+                           noise_ensemble, output_ensemble, bicubic_pool, SRTBaseline)
+from dvt.bench_srt import srt_memory_probe
 
 
 def reference(bb, images, radius, step=1, output="tokens", factor=2, agg="mean", paper=False, paper_patch=None, fill=None):
@@ -42,7 +44,7 @@ def reference(bb, images, radius, step=1, output="tokens", factor=2, agg="mean",
         fields.append(fld); valid.append(val)
     fields, valid = np.stack(fields), np.stack(valid)
     if agg == "median":
-        if paper: pix = np.median(fields, 0)
+        if paper: pix = np.sort(fields, 0)[(len(views) - 1) // 2]               # torch.median: the lower middle value
         else:
             fl = fields.copy(); fl[np.broadcast_to((valid == 0)[:, None, :, :, None], fl.shape)] = np.nan
             pix = np.nanmedian(fl, 0)
@@ -82,14 +84,14 @@ def test_mean_matches_definition(p, s, threshold, output):
     for radius, step in [(0, 1), (2, 1), (3, 2)]:
         ref = reference(bb, IMGS, radius, step, output)
         for impl in ("token", "pixel"):
-            got = srt(bb, IMGS, radius, step, output=output, impl=impl, batch_size=5, progress=False)
+            got = srt(bb, IMGS, radius=radius, step=step, output=output, impl=impl, batch_size=5, progress=False)
             fct.test_close(got, ref, eps=1e-5)
 
 
 @pytest.mark.parametrize("output", ["tokens", "pixels", "fine"])
 def test_median_matches_definition(output):
     bb = PatchMeanBackbone(8, 4)
-    fct.test_close(srt(bb, IMGS, 2, output=output, agg="median", batch_size=7), reference(bb, IMGS, 2, output=output, agg="median"), eps=1e-5)
+    fct.test_close(srt(bb, IMGS, radius=2, output=output, agg="median", batch_size=7), reference(bb, IMGS, 2, output=output, agg="median"), eps=1e-5)
 
 
 @pytest.mark.parametrize("paper_patch", [None, 10])
@@ -98,8 +100,8 @@ def test_paper_mode_matches_definition(paper_patch):
     for output in ("tokens", "fine"):
         ref = reference(bb, x, 2, output=output, paper=True, paper_patch=paper_patch)
         for impl in ("token", "pixel"):
-            fct.test_close(srt(bb, x, 2, output=output, impl=impl, paper=True, paper_patch=paper_patch, batch_size=7), ref, eps=1e-5)
-    fct.test_close(srt(bb, x, 2, agg="median", paper=True), reference(bb, x, 2, agg="median", paper=True), eps=1e-5)
+            fct.test_close(srt(bb, x, radius=2, output=output, impl=impl, paper=True, paper_patch=paper_patch, batch_size=7), ref, eps=1e-5)
+    fct.test_close(srt(bb, x, radius=2, agg="median", paper=True), reference(bb, x, 2, agg="median", paper=True), eps=1e-5)
 
 
 def test_full_period_ensemble_is_translation_equivariant():
@@ -152,7 +154,7 @@ def test_layers_and_denoised_backbone(vits):
 def test_batches_never_exceed_batch_size():
     seen = []
     class Spy(nn.Module):
-        patch_size = stride = 8
+        patch_size = stride = 8; embed_dim = 3
         def forward(self, x): seen.append(x.shape[0]); return PatchMeanBackbone(8)(x)
     srt(Spy(), torch.rand(3, 3, 32, 32), radius=2, batch_size=7)
     assert max(seen) <= 7 and sum(seen) == 3 * 25
@@ -160,7 +162,8 @@ def test_batches_never_exceed_batch_size():
 
 def test_mean_memory_is_flat_in_the_number_of_shifts():
     # 168² x 64 channels: one pixel field is 7.2 MB, so keeping the views would cost ~290 MB more at N = 49 than at N = 9
-    probe = lambda r, impl: srt_memory_probe("planted:64:14", size=168, radius=r, output="pixels", impl=impl, batch_size=8, threads=1)
+    probe = lambda r, impl: srt_memory_probe("planted", dict(embed_dim=64, patch_size=14), size=168, radius=r, output="pixels", impl=impl,
+                                             batch_size=8, threads=1)
     a, b = probe(1, "auto"), probe(3, "auto")           # the pixel-space implementation: benchmarks/srt_cpu.md
     assert (a["N"], b["N"]) == (9, 49)
     assert b["extra_mb"] - a["extra_mb"] < 40, (a, b)
@@ -183,14 +186,167 @@ def test_bad_input():
     bb, x = PatchMeanBackbone(14), torch.rand(1, 3, 56, 56)
     fct.test_fail(lambda: srt(bb, x, agg="mode"), contains="agg='mode' is unknown")
     fct.test_fail(lambda: srt(bb, x, output="grid"), contains="output='grid' is unknown")
-    fct.test_fail(lambda: srt(bb, torch.rand(1, 3, 57, 56)), contains="resize or crop to 56 or 70")
+    fct.test_fail(lambda: srt(bb, torch.rand(1, 3, 57, 56)), contains="resize to 56 or 70")
     fct.test_fail(lambda: srt(bb, x, radius=1.5), contains="radius=1.5")
     fct.test_fail(lambda: srt(bb, x, step=-1), contains="step=-1")
     fct.test_fail(lambda: srt(bb, x, output="fine", factor=3), contains="factor in [2, 7, 14]")
-    fct.test_fail(lambda: srt(bb, x, layers=[1]), contains="features(images, layers=...)")
+    fct.test_fail(lambda: srt(bb, x, layers=[1]), contains="features(images, layers=..., prefix=...)")
     fct.test_fail(lambda: srt(PatchMeanBackbone(14, 7), x, paper=True), contains="stride == patch")
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always"); srt(bb, x, radius=14)
     assert any("not sub-token" in str(m.message) for m in w)
     with warnings.catch_warnings():
         warnings.simplefilter("error"); srt(bb, x, radius=13)                        # below the patch: no warning
+
+
+# --- the released code's behaviour (issue 15: 8-10), the budget (issue 16: 3), faults (issue 14: 9, 11), config (issue 12)
+
+def test_paper_median_takes_the_lower_middle_value():
+    # paper mode, r = 1: N = 10 views (the centre twice). Pixel (0, 0) of a constant image was seen by 5 views (dy, dx in {0, 1},
+    # plus the centre again) and is 0 in the other 5: torch.median's lower middle is 0, NumPy's would be c / 2.
+    c, bb = 0.7, PatchMeanBackbone(8)
+    out = srt(bb, torch.full((1, 3, 16, 16), c), radius=1, agg="median", paper=True, fill="replicate", output="pixels")[0, ..., 0]
+    fct.test_eq(out[0, 0].item(), 0.0)
+    fct.test_close(out[0, 1], c, eps=1e-6)                       # 7 of 10 views saw it: the median is c
+    fct.test_close(out[4:12, 4:12], torch.full((8, 8), c), eps=1e-6)
+    default = srt(bb, torch.full((1, 3, 16, 16), c), radius=1, agg="median", output="pixels")[0, ..., 0]
+    fct.test_close(default, torch.full((16, 16), c), eps=1e-6)   # the corrected median counts only the views that saw a pixel
+
+
+class MeanCLS(PatchMeanBackbone):
+    "Patch-mean tokens and one prefix token: the mean colour of the whole (shifted) image."
+    num_prefix_tokens = 1
+    def features(self, images, layers=None, prefix=False):
+        t, cls = self(images), images.mean((2, 3))[:, None]                         # (B, h, w, 3), (B, 1, 3)
+        if layers is not None: t, cls = [t] * len(layers), [cls] * len(layers)
+        return (t, cls) if prefix else t
+
+
+def test_prefix_tokens_are_averaged_over_all_views():
+    bb, x = MeanCLS(8), IMGS[..., :24, :24]
+    toks, cls = srt(bb, x, radius=1, prefix=True)
+    by_hand = torch.stack([shift_images(x, dx, dy).mean((2, 3)) for dx, dy in shift_grid(1)]).mean(0)[:, None]
+    fct.test_close(cls, by_hand, eps=1e-6); fct.test_close(toks, srt(bb, x, radius=1), eps=1e-6)
+    grey = torch.tensor(IMAGENET_MEAN)
+    paper = torch.stack([shift_images(x, dx, dy, "grey", grey).mean((2, 3)) for dx, dy in shift_grid(1) + [(0, 0)]]).mean(0)[:, None]
+    fct.test_close(srt(bb, x, "paper", radius=1, paper_patch=None, prefix=True)[1], paper, eps=1e-6)   # N + 1 views, centre twice
+    many, pres = srt(bb, x, radius=1, layers=[0, 1], prefix=True)
+    fct.test_eq((len(many), len(pres), pres[0].shape), (2, 2, (2, 1, 3)))
+    med = srt(bb, x, radius=1, prefix=True, agg="median")[1]
+    fct.test_close(med, torch.stack([shift_images(x, dx, dy).mean((2, 3)) for dx, dy in shift_grid(1)]).median(0).values[:, None], eps=1e-6)
+
+
+def test_noise_ensemble_scale_seed_and_count():
+    x = 0.3 + 0.4 * torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    px = PatchMeanBackbone(1)                                                       # tokens = pixels
+    fct.test_close(noise_ensemble(px, x, sigma=0.0, n=3), px(x), eps=1e-7)
+    state = torch.random.get_rng_state()
+    d = noise_ensemble(px, x, n=1, seed=5) - px(x)                                 # (clean + noisy) / 2 - clean = noise / 2
+    assert torch.equal(torch.random.get_rng_state(), state)                        # a local generator only
+    for ch, s in enumerate((0.229, 0.224, 0.225)):                                 # sigma 0.01 in normalised units
+        assert abs(d[..., ch].std().item() / (0.01 * s / 2) - 1) < 0.06, (ch, d[..., ch].std().item())
+    fct.test_eq(noise_ensemble(px, x, n=1, seed=5), noise_ensemble(px, x, n=1, seed=5))
+    seen = []
+    class Spy(PatchMeanBackbone):
+        def forward(self, im): seen.append(len(im)); return super().forward(im)
+    noise_ensemble(Spy(8), IMGS, n=4, batch_size=3)
+    fct.test_eq((sum(seen), max(seen)), (2 * 5, 3))                                # B · (n + 1) forward images
+    fct.test_eq(SRTBaseline(PatchMeanBackbone(8), "noise", n=2)(IMGS).shape, (2, 3, 4, 3))
+
+
+def test_output_ensemble_by_hand():
+    x = IMGS[..., :24, :24]
+    ident = lambda im: im                                                           # the predictor is the image itself
+    fct.test_close(output_ensemble(ident, x, radius=2), x, eps=1e-6)               # each view, moved back, is the image
+    c = torch.full((1, 3, 16, 16), 0.6)
+    p = output_ensemble(ident, c, radius=1, paper=True)[0, 0]
+    fct.test_close(p[0, 0], 0.6 * 5 / 10, eps=1e-6); fct.test_close(p[0, 5], 0.6 * 7 / 10, eps=1e-6)   # zeros counted, / (N + 1)
+    fct.test_close(p[5, 5], 0.6, eps=1e-6)
+    bb = PatchMeanBackbone(8)                                                       # a linear head commutes with the average:
+    head = lambda im: bb(im).permute(0, 3, 1, 2).repeat_interleave(8, 2).repeat_interleave(8, 3)
+    fct.test_close(output_ensemble(head, x, radius=2).permute(0, 2, 3, 1), srt(bb, x, radius=2, output="pixels"), eps=1e-5)
+    fct.test_eq(output_ensemble(lambda im: im[:, 0], x, radius=1).shape, (2, 24, 24))   # (B, H, W) predictions stay (B, H, W)
+    fct.test_fail(lambda: output_ensemble(lambda im: im[..., :8, :8], x, radius=1), contains="at the image's size")
+
+
+def _keys(t: float, a: float = -0.75) -> float:
+    "The bicubic convolution kernel (Keys, a = -0.75 as in PyTorch)."
+    t = abs(t)
+    return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1 if t <= 1 else (a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a if t < 2 else 0.0)
+
+
+def test_bicubic_pool_by_hand():
+    p, t = 4, torch.zeros(1, 5, 5, 1); t[0, 2, 2, 0] = 1                           # a delta token
+    w = lambda k: sum(_keys((u + 0.5) / p - 0.5 - 2) for u in range(k * p, k * p + p)) / p   # token k's share of token 2 (1-D)
+    out = bicubic_pool(t, p)[0, ..., 0]
+    fct.test_close(out[2, 2], w(2) ** 2, eps=1e-6); fct.test_close(out[2, 1], w(2) * w(1), eps=1e-6)
+    fct.test_close(out[0, 2], w(0) * w(2), eps=1e-6)
+    fct.test_close(bicubic_pool(torch.full((1, 3, 4, 2), 0.5), 8), torch.full((1, 3, 4, 2), 0.5), eps=1e-6)   # constants stay
+    fct.test_eq(SRTBaseline(PatchMeanBackbone(8), "bicubic")(IMGS).shape, (2, 3, 4, 3))
+
+
+def test_phases():
+    bb = PatchMeanBackbone(7)
+    x = torch.rand(1, 3, 35, 42, generator=torch.Generator().manual_seed(4))
+    fct.test_eq(phase_grid(7, 7), shift_grid(3))                                   # 7 phases of a 7-px patch: every shift
+    fct.test_close(srt(bb, x, phases=7), srt(bb, x, radius=3), eps=1e-6)
+    fct.test_close(srt(bb, x, phases=1), bb(x), eps=1e-6)
+    seen = []
+    class Spy(PatchMeanBackbone):
+        def forward(self, im): seen.append(len(im)); return super().forward(im)
+    srt(Spy(8), IMGS, "phases")
+    fct.test_eq(sum(seen), 2 * 4)                                                   # 2 x 2 half-patch phases: 4 passes per image
+
+
+class NaNWhen(PatchMeanBackbone):
+    "NaN tokens whenever pixel (9, 11) of a view is lit."
+    def forward(self, im): t = super().forward(im); t[im[:, 0, 9, 11] > 0.5] = float("nan"); return t
+
+
+@pytest.mark.parametrize("agg", ["mean", "median"])
+def test_nan_tokens_name_the_view(agg):
+    img = torch.zeros(2, 3, 32, 32); img[1, :, 10, 10] = 1                        # image 1 shifted by (1, -1) lights (9, 11)
+    fct.test_fail(lambda: srt(NaNWhen(8), img, radius=1, agg=agg), contains="image 1 shifted by (dx, dy) = (1, -1)")
+    srt(NaNWhen(8), img, radius=0, agg=agg)                                         # no view lights it: fine
+
+
+def test_memory_limit_chunks_the_views_or_fails_early():
+    seen = []
+    class Spy(PatchMeanBackbone):
+        def forward(self, im): seen.append(len(im)); return super().forward(im)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    ref = srt(PatchMeanBackbone(8), x, radius=2, output="fine")
+    got = srt(Spy(8), x, radius=2, output="fine", batch_size=50, max_memory_gb=4e-4)   # a 64² view is 49 kB: a handful at a time
+    assert 1 <= max(seen) < 10, seen
+    fct.test_close(got, ref, eps=1e-6)
+    with pytest.raises(MemoryError) as e: srt(PatchMeanBackbone(8), x, radius=2, output="pixels", max_memory_gb=1e-4)
+    assert "output='tokens'" in str(e.value) and "max_memory_gb=0.0001" in str(e.value) and "GB" in str(e.value)
+    with pytest.raises(MemoryError) as e: srt(PatchMeanBackbone(8), x, radius=2, agg="median", max_memory_gb=1e-4)
+    assert "agg='mean'" in str(e.value)
+    seen.clear(); srt(Spy(8), x, radius=2, batch_size=50)                          # the default: the free memory, no chunking here
+    fct.test_eq(max(seen), 50)
+
+
+def test_full_size_views_are_never_stacked_beyond_the_view_budget(monkeypatch):
+    import dvt.resonance as R
+    monkeypatch.setattr(R, "_VIEW_BYTES", 3 * 64 * 64 * 4 * 3)                    # room for three 64² views (an 8000² image: 256 MB)
+    seen = []
+    class Spy(PatchMeanBackbone):
+        def forward(self, im): seen.append(len(im)); return super().forward(im)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    fct.test_close(srt(Spy(8), x, radius=1, batch_size=32), srt(PatchMeanBackbone(8), x, radius=1), eps=1e-6)
+    fct.test_eq((max(seen), sum(seen)), (3, 9))
+
+
+def test_config_convention():
+    bb, x = PatchMeanBackbone(8), IMGS
+    fct.test_close(srt(bb, x, "paper", paper_patch=None, radius=2), srt(bb, x, radius=2, paper=True), eps=1e-7)
+    fct.test_close(srt(bb, x, SRTConfig(radius=1, output="fine")), srt(bb, x, radius=1, output="fine"), eps=1e-7)
+    fct.test_fail(lambda: srt(bb, x, raduis=2), contains="did you mean 'radius'")
+    fct.test_fail(lambda: srt(bb, x, "papr"), contains="did you mean 'paper'")
+    fct.test_fail(lambda: srt(bb, x, 2), contains="radius=2")
+    fct.test_fail(lambda: srt(bb, x, phases=2, paper=True), contains="cannot be combined")
+    t = SRTTeacher(bb, 1, agg="median")
+    fct.test_eq((t.config.radius, t.config.agg, t.config.progress), (1, "median", False))
+    fct.test_eq(SRTTeacher(bb, preset="phases").config.phases, 2)
+    fct.test_close(SRTTeacher(MeanCLS(8), radius=1).prefix_tokens(x[..., :24, :24]), srt(MeanCLS(8), x[..., :24, :24], radius=1, prefix=True)[1], eps=1e-7)
