@@ -20,7 +20,7 @@ _API = {
     "denoise_image": "stage1", "denoise_images": "stage1", "denoise_folder": "stage1_data",
     "Denoiser": "denoiser", "DenoisedBackbone": "denoiser", "load_official": "denoiser",
     "load_denoiser": "denoiser", "save_denoiser": "denoiser", "train_denoiser": "denoiser",
-    "distill": "distill",
+    "distill": "distillation",
     "srt": "resonance", "SRTTeacher": "resonance", "SRTConfig": "resonance", "SRTBaseline": "resonance",
     "noise_ensemble": "resonance", "output_ensemble": "resonance",
     "mic": "metrics", "position_mic": "metrics",

@@ -4,25 +4,27 @@
 
 # %% ../nbs/03_denoiser.ipynb #d709ecde
 from __future__ import annotations
-import argparse, json, math, os
-from contextlib import contextmanager
-from dataclasses import dataclass, asdict, replace
+import argparse, hashlib, json, math, os
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block
-from .core import figures_dir, seed_everything, pick_device
 from .backbones import check_model_name, load_into
+from .contract import BackboneWrapper
+from .config import make_config
+from .runs import save_tensors, write_json, read_json, safetensors_problem, user_errors
+from .train import (TrainConfig, StepSampler, step_loader, fit, dist_info, distributed_run, add_train_args,
+                       config_from_args, TRAIN_EPILOG)
 
 # %% auto #0
-__all__ = ['OFFICIAL_REPO', 'OFFICIAL_FOLDERS', 'DENOISER_PRESETS', 'STATE_FILE', 'Denoiser', 'pos_embed_for', 'DenoisedBackbone',
-           'save_denoiser', 'load_denoiser_state', 'load_denoiser', 'load_official', 'token_loss', 'TrainConfig',
-           'lr_at', 'StepSampler', 'step_loader', 'dist_info', 'init_distributed', 'distributed_run', 'plot_loss',
-           'fit', 'PairFolder', 'train_denoiser', 'train_denoiser_cli']
+__all__ = ['OFFICIAL_REPO', 'OFFICIAL_FOLDERS', 'OFFICIAL_DISTILLED', 'DENOISER_PRESETS', 'Denoiser', 'pos_embed_for',
+           'DenoisedBackbone', 'save_denoiser', 'load_denoiser_state', 'load_denoiser', 'official_file',
+           'load_official', 'token_loss', 'PairFolder', 'pair_shapes', 'train_denoiser', 'train_denoiser_cli']
 
 # %% ../nbs/03_denoiser.ipynb #b5bb212d
 def _num_heads(embed_dim: int) -> int:
@@ -74,30 +76,18 @@ def _denoiser_forward(self: Denoiser, x: torch.Tensor) -> torch.Tensor:
 Denoiser.pos_embed_for, Denoiser.forward = pos_embed_for, _denoiser_forward
 
 # %% ../nbs/03_denoiser.ipynb #b6f47d04
-class DenoisedBackbone(nn.Module):
+class DenoisedBackbone(BackboneWrapper):
     "A backbone followed by its `Denoiser`: `(B, 3, H, W)` images in [0, 1] -> denoised tokens `(B, h, w, C)`."
+    variant = "denoised"
+
     def __init__(self, backbone: nn.Module, denoiser: Denoiser):
-        super().__init__()
-        for k in ("patch_size", "stride", "embed_dim", "input_size"):
-            if not hasattr(backbone, k): raise TypeError(f"backbone {type(backbone).__name__} lacks attribute {k!r} of the backbone contract.")
-        if denoiser.embed_dim != backbone.embed_dim:
+        super().__init__(backbone)                                  # checks the contract; geometry comes from `backbone`
+        if denoiser.embed_dim != self.embed_dim:
             raise ValueError(f"the denoiser is {denoiser.embed_dim}-wide but the backbone {getattr(backbone, 'name', '')!r} "
-                             f"gives {backbone.embed_dim}-dim tokens: use the denoiser trained for this backbone.")
-        self.backbone, self.denoiser = backbone, denoiser
+                             f"gives {self.embed_dim}-dim tokens: use the denoiser trained for this backbone.")
+        self.denoiser = denoiser
 
-    patch_size = property(lambda self: self.backbone.patch_size)
-    stride = property(lambda self: self.backbone.stride)
-    embed_dim = property(lambda self: self.backbone.embed_dim)
-    input_size = property(lambda self: self.backbone.input_size)
-    num_prefix_tokens = property(lambda self: getattr(self.backbone, "num_prefix_tokens", 0))
-    num_blocks = property(lambda self: getattr(self.backbone, "num_blocks", 1))
-    layer = property(lambda self: getattr(self.backbone, "layer", -1))
     norm = property(lambda self: getattr(self.backbone, "norm", True))
-    name = property(lambda self: getattr(self.backbone, "name", type(self.backbone).__name__))
-
-    def grid_size(self, H: int, W: int) -> tuple[int, int]:
-        "Token grid `(h, w)` for an `H x W` input (the backbone's rule)."
-        return self.backbone.grid_size(H, W)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         "Denoised patch tokens `(B, h, w, C)` of `images` `(B, 3, H, W)` in [0, 1]."
@@ -128,19 +118,14 @@ def _db_prefix_tokens(self: DenoisedBackbone, images: torch.Tensor) -> torch.Ten
 DenoisedBackbone.features, DenoisedBackbone.prefix_tokens = _db_features, _db_prefix_tokens
 
 # %% ../nbs/03_denoiser.ipynb #6d824b7e
-def _atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp"); tmp.write_text(text); tmp.replace(path)
-
 def save_denoiser(denoiser: Denoiser, path: str | Path, **meta) -> Path:
-    "Save `denoiser` to `path` (`.safetensors`) with its config (+ `meta`) in a `.json` file alongside; atomic."
-    from safetensors.torch import save_file
+    "Save `denoiser` to `path` (`.safetensors`, config in its metadata) and the config (+ `meta`) to a `.json` alongside; atomic."
     path = Path(path)
     if path.suffix != ".safetensors": path = path.with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
-    cfg = {"format": "dvt.denoiser", **denoiser.config, **meta}
-    sd = {k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp"); save_file(sd, str(tmp), metadata={"dvt_config": json.dumps(cfg)}); tmp.replace(path)
-    _atomic_write_text(path.with_suffix(".json"), json.dumps(cfg, indent=1))
+    cfg = json.loads(json.dumps({"format": "dvt.denoiser", **denoiser.config, **meta}, default=str))
+    save_tensors(path, denoiser.state_dict(), {"dvt_config": json.dumps(cfg)})
+    write_json(path.with_suffix(".json"), cfg)
     return path
 
 # %% ../nbs/03_denoiser.ipynb #c9edf292
@@ -165,33 +150,34 @@ def load_denoiser_state(den: Denoiser, sd: dict[str, torch.Tensor], source: str 
 
 # %% ../nbs/03_denoiser.ipynb #7c95b4a8
 def load_denoiser(path: str | Path) -> Denoiser:
-    "Load a denoiser from our `.safetensors` (+ `.json`) files, a training output folder, or an official DVT `.pth` file."
+    "Load a denoiser from our `.safetensors` file, a training output folder, or an official DVT `.pth` file."
     path = Path(path)
     if path.is_dir(): path = path / "denoiser.safetensors"
     if not path.is_file(): raise FileNotFoundError(f"denoiser checkpoint not found: {path}")
     if path.suffix != ".safetensors": return load_official(path)
+    from safetensors import safe_open
     from safetensors.torch import load_file
-    cfg_file = path.with_suffix(".json")
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} is missing: save_denoiser writes the config next to the weights; copy it with them.")
-    try:
-        cfg = json.loads(cfg_file.read_text()); sd = load_file(str(path))
-    except Exception as e:
-        raise ValueError(f"could not read denoiser {path} / {cfg_file.name} ({type(e).__name__}: {str(e)[:200]}); the file is corrupted.") from e
+    if (why := safetensors_problem(path)) is not None:
+        raise ValueError(f"denoiser {path} is unusable ({why}); the file is corrupted: rerun the training command "
+                         "that wrote it (it rewrites the final weights) or copy it again.")
+    with safe_open(str(path), "pt") as f: meta = f.metadata() or {}
+    if "dvt_config" in meta: cfg = json.loads(meta["dvt_config"])
+    elif path.with_suffix(".json").is_file(): cfg = read_json(path.with_suffix(".json"), "copy it again with the weights")
+    else: raise FileNotFoundError(f"{path.with_suffix('.json')} is missing: save_denoiser writes the config next to the weights; copy it with them.")
     arch = {k: cfg[k] for k in ("embed_dim", "grid", "num_heads", "mlp_ratio") if k in cfg}
     den = Denoiser(**arch)
     den.meta = {k: v for k, v in cfg.items() if k not in arch}
-    return load_denoiser_state(den, sd, source=f"denoiser {path}").eval()
+    return load_denoiser_state(den, load_file(str(path)), source=f"denoiser {path}").eval()
 
 # %% ../nbs/03_denoiser.ipynb #f17935e7
 OFFICIAL_REPO = "jjiaweiyang/DVT"
-OFFICIAL_FOLDERS = ("voc_denoised", "imgnet_denoised")
+OFFICIAL_FOLDERS = ("voc_denoised", "imgnet_denoised")      # stage-2 denoisers
+OFFICIAL_DISTILLED = ("voc_distilled", "imgnet_distilled")   # stage-3 ViTs
 
-def _official_file(name: str, folder: str, repo_id: str) -> Path:
-    "Fetch `<folder>/<name>.pth` from the Hugging Face hub (or its local cache), with a clear error offline."
-    if folder not in OFFICIAL_FOLDERS:
-        hint = " Distilled files are whole ViTs: load them with Backbone(name, checkpoint=path)." if "distilled" in folder else ""
-        raise ValueError(f"folder={folder!r} holds no denoisers; use one of {OFFICIAL_FOLDERS}.{hint}")
+def official_file(name: str, folder: str = "voc_denoised", repo_id: str = OFFICIAL_REPO) -> Path:
+    "The local path of the released `<folder>/<name>.pth` of DVT's hub repo (downloaded once, then cached), or a clear error offline."
+    if folder not in OFFICIAL_FOLDERS + OFFICIAL_DISTILLED:
+        raise ValueError(f"folder={folder!r} is not a folder of {repo_id}; use one of {OFFICIAL_FOLDERS + OFFICIAL_DISTILLED}.")
     check_model_name(name)
     fname = f"{folder}/{name}.pth"
     try:
@@ -226,7 +212,11 @@ def load_official(path_or_model_name: str | Path, folder: str = "voc_denoised", 
     p = Path(path_or_model_name)
     if p.is_file(): path = p
     elif p.suffix in (".pth", ".pt", ".bin") or len(p.parts) > 1: raise FileNotFoundError(f"official denoiser file not found: {p}")
-    else: path = _official_file(str(path_or_model_name), folder, repo_id)
+    else:
+        if folder not in OFFICIAL_FOLDERS:
+            hint = " Distilled files are whole ViTs: load them with Backbone(name, checkpoint=path)." if "distilled" in folder else ""
+            raise ValueError(f"folder={folder!r} holds no denoisers; use one of {OFFICIAL_FOLDERS}.{hint}")
+        path = official_file(str(path_or_model_name), folder, repo_id)
     sd = _read_official(path)
     pe = sd.get("pos_embed")
     if pe is None or pe.ndim != 3: raise ValueError(f"{path} has no pos_embed (1, N, C) tensor; keys: {list(sd)[:8]}.")
@@ -246,238 +236,25 @@ def token_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
                          "both must be (B, h, w, C) tokens of the same grid.")
     return F.mse_loss(pred, target) + (1 - F.cosine_similarity(pred, target, dim=-1).mean())
 
-# %% ../nbs/03_denoiser.ipynb #fd554fe8
-@dataclass
-class TrainConfig:
-    "AdamW + warm-up/cosine settings shared by DVT's stages 2 and 3; the defaults are the paper's stage-2 recipe."
-    steps: int = 50_000                 # optimiser steps (ignored when `epochs` is set)
-    batch_size: int = 128               # total over all processes
-    blr: float = 2e-4                   # base lr; lr = blr * sqrt(batch_size / 256)
-    weight_decay: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup: float = 0.15                # share of the steps spent warming up linearly from 0
-    min_lr: float = 1e-6                # end of the cosine decay
-    save_every: int = 5_000             # checkpoint period (steps); the last step is always saved
-    seed: int = 0                       # model init and data order
-    epochs: float | None = None         # when set: steps = ceil(epochs * n_samples / batch_size)
-
-    @property
-    def lr(self) -> float: return self.blr * math.sqrt(self.batch_size / 256)
-
-    def total_steps(self, n_samples: int | None = None) -> int:
-        "The run's length in steps."
-        if self.epochs is None: return int(self.steps)
-        if not n_samples: raise ValueError("epochs is set but the dataset size is unknown.")
-        return max(1, math.ceil(self.epochs * n_samples / self.batch_size))
-
-    def to_dict(self) -> dict: return json.loads(json.dumps(asdict(self)))
-
+# %% ../nbs/03_denoiser.ipynb #ae567c13
 DENOISER_PRESETS = {
     "paper": TrainConfig(),                                       # DVT v2 stage2.sh: 128 x 50k
     "paper_v1": TrainConfig(steps=100_000, batch_size=64),       # DVT v1: 64 x 100k
     "smoke": TrainConfig(steps=300, batch_size=16, save_every=100),
 }
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    "Learning rate at `step` of `total`: linear warm-up from 0 over `cfg.warmup * total` steps, then cosine to `cfg.min_lr`."
-    w = int(round(cfg.warmup * total))
-    if step < w: return cfg.lr * step / w
-    t = (step - w) / max(1, total - w)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
-
-# %% ../nbs/03_denoiser.ipynb #282a1348
-class StepSampler:
-    "The sample indices of every step: seeded per-epoch permutations, a pure function of the step (exact resume, any world size)."
-    def __init__(self, n: int, batch_size: int, seed: int = 0):
-        if n < 1: raise ValueError("the dataset is empty.")
-        self.n, self.batch_size, self.seed, self._perms = n, batch_size, seed, {}
-
-    def _perm(self, epoch: int) -> list[int]:
-        if epoch not in self._perms:
-            if len(self._perms) > 4: self._perms.clear()
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms[epoch] = torch.randperm(self.n, generator=g).tolist()
-        return self._perms[epoch]
-
-    def batch(self, step: int, rank: int = 0, world: int = 1) -> list[int]:
-        "Indices of `step`'s batch (this rank's share of it)."
-        pos = range(step * self.batch_size, (step + 1) * self.batch_size)
-        return [self._perm(p // self.n)[p % self.n] for p in pos][rank::world]
-
-class _StepBatches:
-    "A `batch_sampler` yielding `[(step, index), ...]` for steps `start .. stop - 1`."
-    def __init__(self, sampler, start, stop, rank, world): self.s, self.a, self.b, self.r, self.w = sampler, start, stop, rank, world
-    def __len__(self): return max(0, self.b - self.a)
-    def __iter__(self):
-        for step in range(self.a, self.b): yield [(step, i) for i in self.s.batch(step, self.r, self.w)]
-
-def step_loader(dataset, sampler: StepSampler, start: int, stop: int, rank: int = 0, world: int = 1, workers: int = 0):
-    "A `DataLoader` giving one batch per step `start .. stop - 1`; `dataset[(step, index)]` returns one sample."
-    return torch.utils.data.DataLoader(dataset, batch_sampler=_StepBatches(sampler, start, stop, rank, world),
-                                       num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available())
-
-# %% ../nbs/03_denoiser.ipynb #ae2c42d8
-STATE_FILE = "train_state.safetensors"
-
-def dist_info() -> tuple[int, int]:
-    "`(rank, world_size)` of the current process group, `(0, 1)` outside one."
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-def init_distributed() -> torch.device:
-    "Join the `torchrun` process group when launched by it (NCCL on GPUs, gloo on CPU); return this process's device."
-    import torch.distributed as dist
-    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    if world > 1 and not dist.is_initialized():
-        if cuda: torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
-
-@contextmanager
-def distributed_run(device: str | None = None):
-    "Join `torchrun`'s process group (if launched by it) for the block and leave it after; yields `device` or this process's."
-    import torch.distributed as dist
-    own = init_distributed()
-    try: yield torch.device(device) if device else own
-    finally:
-        if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
-
-# %% ../nbs/03_denoiser.ipynb #07150568
-def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int, history: list[float], run: dict):
-    "One atomic safetensors file with the weights (`model.*`), AdamW state (`optim.<i>.<key>`), loss history and step."
-    from safetensors.torch import save_file
-    sd = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    for i, st in opt.state_dict()["state"].items():
-        for k, v in st.items(): sd[f"optim.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    sd["history"] = torch.tensor(history, dtype=torch.float64)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata={"step": str(step), "run": json.dumps(run)}); tmp.replace(path)
-
-def _load_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, run: dict) -> tuple[int, list[float]]:
-    "Restore what `_save_state` wrote; refuse a state from a run with another configuration."
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    try:
-        with safe_open(str(path), "pt") as f: meta = f.metadata()
-        sd = load_file(str(path))
-    except Exception as e:
-        raise ValueError(f"could not read {path} ({type(e).__name__}: {str(e)[:200]}); delete it or pass resume=False to restart.") from e
-    if json.loads(meta["run"]) != run:
-        raise ValueError(f"{path} was written by a run with another configuration ({meta['run'][:300]}); "
-                         "use a new output folder, or resume=False to overwrite it.")
-    model.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")}, strict=True)
-    state: dict = {}
-    for k, v in sd.items():
-        if k.startswith("optim."):
-            _, i, key = k.split(".", 2); state.setdefault(int(i), {})[key] = v
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-    return int(meta["step"]), sd["history"].tolist()
-
-# %% ../nbs/03_denoiser.ipynb #f65db090
-def plot_loss(history: list[float], path: str | Path, title: str = "training loss") -> Path:
-    "Save a loss curve (per step, log scale, with a running mean) as a PNG, atomically."
-    import matplotlib; import matplotlib.pyplot as plt
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    h = torch.tensor(history, dtype=torch.float64)
-    k = max(1, len(h) // 50)
-    smooth = torch.nn.functional.avg_pool1d(h[None, None], k, 1)[0, 0] if len(h) >= k else h
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
-    ax.plot(h.numpy(), lw=0.6 if k > 1 else 1.5, alpha=0.4 if k > 1 else 1.0, label="per step")
-    if k > 1: ax.plot(range(k - 1, len(h)), smooth.numpy(), lw=1.5, label=f"running mean of {k}")
-    ax.set(xlabel="step", ylabel="loss", title=title, yscale="log"); ax.legend(fontsize=7); fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp"); fig.savefig(tmp, format="png"); plt.close(fig); tmp.replace(path)
-    return path
-
-# %% ../nbs/03_denoiser.ipynb #68ac1f8f
-def _to(batch, device):
-    if isinstance(batch, torch.Tensor): return batch.to(device, non_blocking=True)
-    return type(batch)(_to(b, device) for b in batch)
-
-def fit(model: nn.Module, loss_fn: Callable, batches: Callable, cfg: TrainConfig, out_dir: str | Path, *,
-        total_steps: int | None = None, save_fn: Callable | None = None, device=None, resume: bool = True,
-        progress: bool = True, desc: str = "train", callback: Callable | None = None, curve: str | Path | None = None,
-        extra: dict | None = None) -> list[float]:
-    "Train `model` on `batches(start, rank, world)` (one batch per step) with AdamW + warm-up/cosine; checkpoint/resume in `out_dir`."
-    import torch.distributed as dist
-    from tqdm.auto import tqdm
-    rank, world = dist_info()
-    if cfg.batch_size % world: raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {world} processes.")
-    total = int(total_steps or cfg.total_steps())
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(device); model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params: raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad is off everywhere).")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    run = json.loads(json.dumps({"train": cfg.to_dict(), "total_steps": total, **(extra or {})}))
-    start, history = 0, []
-    if resume and (out / STATE_FILE).exists(): start, history = _load_state(out / STATE_FILE, model, opt, run)
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def checkpoint(step, sync=True):
-        if rank == 0:
-            _save_state(out / STATE_FILE, model, opt, step, history, run)
-            if save_fn is not None: save_fn(model, out)
-        if sync and world > 1: dist.barrier()
-
-    step = start
-    bar = tqdm(total=total, initial=start, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
-    try:
-        for s, batch in zip(range(start, total), batches(start, rank, world)):
-            lr = lr_at(s, total, cfg)
-            for g in opt.param_groups: g["lr"] = lr
-            loss = loss_fn(net, _to(batch, device))
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-            l = loss.detach().float()
-            if world > 1: dist.all_reduce(l); l = l / world
-            history.append(l.item()); step = s + 1
-            bar.update(1); bar.set_postfix(loss=f"{history[-1]:.4g}", lr=f"{lr:.2e}", refresh=False)
-            if step % cfg.save_every == 0 or step == total: checkpoint(step)
-            if callback is not None: callback(step, history[-1])
-    except KeyboardInterrupt:
-        if step > start and step % cfg.save_every and step != total: checkpoint(step, sync=False)
-        raise
-    finally: bar.close()
-    if step < total: raise RuntimeError(f"the batches ran out at step {step} of {total}.")
-    if curve is not None and rank == 0: plot_loss(history, curve, title=desc)
-    return history
-
-# %% ../nbs/03_denoiser.ipynb #9d7984a7
-def _model_name(cfg: dict, first: Path) -> str | None:
-    "The backbone name of a stage-1 run: from its config.json, else from a pair file's metadata."
-    for k in ("model", "backbone", "name"):
-        v = cfg.get(k)
-        if isinstance(v, str): return v
-        if isinstance(v, dict) and isinstance(v.get("name"), str): return v["name"]
-    from safetensors import safe_open
-    with safe_open(str(first), "pt") as f: return (f.metadata() or {}).get("model")
-
+# %% ../nbs/03_denoiser.ipynb #e19c262c
 class PairFolder(torch.utils.data.Dataset):
     "Stage-1 outputs (`<stem>.safetensors` with `raw` and `clean` `(h, w, C)`, plus `config.json`) as `(raw, clean)` pairs."
     def __init__(self, folder: str | Path, cache_bytes: int = 2 ** 30):
-        from safetensors import safe_open
         self.folder = Path(folder)
         if not self.folder.is_dir(): raise FileNotFoundError(f"stage-1 folder not found: {self.folder}")
         self.files = sorted(p for p in self.folder.glob("*.safetensors"))
         if not self.files:
             raise FileNotFoundError(f"no <stem>.safetensors pairs in {self.folder}; write them with dvt_denoise (dvt.stage1_data).")
         cfg = self.folder / "config.json"
-        self.config = json.loads(cfg.read_text()) if cfg.is_file() else {}
-        shapes = {}
-        for f in self.files:
-            try:
-                with safe_open(str(f), "pt") as g:
-                    keys = set(g.keys())
-                    if not {"raw", "clean"} <= keys: raise KeyError(f"keys {sorted(keys)} lack 'raw' and/or 'clean'")
-                    shapes[f.name] = (tuple(g.get_slice("raw").get_shape()), tuple(g.get_slice("clean").get_shape()))
-            except Exception as e:
-                raise ValueError(f"stage-1 file {f} is not a raw/clean pair ({type(e).__name__}: {str(e)[:200]}).") from e
-        bad = [k for k, (r, c) in shapes.items() if r != c or len(r) != 3]
-        if bad: raise ValueError(f"{len(bad)} pairs have raw/clean of different or non-(h, w, C) shapes, e.g. {bad[0]}: {shapes[bad[0]]}.")
+        self.config = read_json(cfg, "rerun dvt_denoise on this folder to rewrite it") if cfg.is_file() else {}
+        shapes = pair_shapes(self.files)
         grids = sorted({r for r, _ in shapes.values()})
         if len(grids) > 1:
             raise ValueError(f"the pairs in {self.folder} have {len(grids)} different grids {grids[:4]}; a stage-2 run needs one "
@@ -498,53 +275,81 @@ class PairFolder(torch.utils.data.Dataset):
         i = key[1] if isinstance(key, tuple) else key
         return self._cache[i] if self._cache is not None else self._read(i)
 
+# %% ../nbs/03_denoiser.ipynb #5290cf6e
+def pair_shapes(files: list[Path]) -> dict[str, tuple[tuple, tuple]]:
+    "`{name: (raw shape, clean shape)}` of stage-1 pair files, read from their headers; a bad file raises naming it."
+    from safetensors import safe_open
+    shapes = {}
+    for f in files:
+        if (why := safetensors_problem(f, keys=("raw", "clean"))) is not None:
+            raise ValueError(f"stage-1 file {f} is not a raw/clean pair ({why}); rerun dvt_denoise on its folder "
+                             "(it recomputes unusable files) or remove it.")
+        with safe_open(str(f), "pt") as g:
+            shapes[f.name] = (tuple(g.get_slice("raw").get_shape()), tuple(g.get_slice("clean").get_shape()))
+    bad = [k for k, (r, c) in shapes.items() if r != c or len(r) != 3]
+    if bad: raise ValueError(f"{len(bad)} pairs have raw/clean of different or non-(h, w, C) shapes, e.g. {bad[0]}: {shapes[bad[0]]}.")
+    return shapes
+
+def _model_name(cfg: dict, first: Path) -> str | None:
+    "The backbone name of a stage-1 run: from its config.json, else from a pair file's metadata."
+    for k in ("model", "backbone", "name"):
+        v = cfg.get(k)
+        if isinstance(v, str): return v
+        if isinstance(v, dict) and isinstance(v.get("name"), str): return v["name"]
+    from safetensors import safe_open
+    with safe_open(str(first), "pt") as f: return (f.metadata() or {}).get("model")
+
+# %% ../nbs/03_denoiser.ipynb #b0fa27de
+from fastcore.basics import patch
+
+@patch
+def fingerprint(self: PairFolder) -> str:
+    "`sha256:<hex>` of the pairs' names and sizes, the stage-1 `config.json`, and the bytes of the first and last pair."
+    h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
+    for f in self.files: h.update(f"{f.name}:{f.stat().st_size};".encode())
+    for f in {self.files[0], self.files[-1]}: h.update(f.read_bytes())
+    return "sha256:" + h.hexdigest()
+
 # %% ../nbs/03_denoiser.ipynb #3544f92d
-def train_denoiser(pairs: str | Path, out_dir: str | Path, cfg: TrainConfig | str = "paper", *, device=None,
-                   resume: bool = True, progress: bool = True, workers: int = 0, curve: str | Path | None = "auto",
-                   callback: Callable | None = None, desc: str = "stage 2: denoiser") -> Denoiser:
+def train_denoiser(pairs: str | Path, out_dir: str | Path,
+                   preset: TrainConfig | str = "paper",  # a name in `DENOISER_PRESETS` or a `TrainConfig`
+                   *,
+                   device=None, resume: bool = True, progress: bool = True,
+                   workers: int = 0,  # data loader processes
+                   curve: str | Path | None = "auto",  # loss curve PNG: "auto" = `<out_dir>/loss.png`, None = none
+                   callback: Callable | None = None,  # `callback(step, loss)` after each step
+                   desc: str = "stage 2: denoiser",
+                   restart: str = "resume=False",  # how to start over, named in messages
+                   **overrides,  # `TrainConfig` fields to change, e.g. steps=1000
+                   ) -> Denoiser:
     "Train a `Denoiser` on the stage-1 pairs in `pairs` (raw -> clean), checkpointing in `out_dir`; return it (eval mode)."
-    if isinstance(cfg, str):
-        if cfg not in DENOISER_PRESETS: raise ValueError(f"unknown preset {cfg!r}; use one of {list(DENOISER_PRESETS)} or a TrainConfig.")
-        cfg = DENOISER_PRESETS[cfg]
+    cfg = make_config(TrainConfig, DENOISER_PRESETS, preset, what="stage-2 training", **overrides)
     data = PairFolder(pairs)
-    seed_everything(cfg.seed)
-    den = Denoiser(data.embed_dim, data.grid)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed); den = Denoiser(data.embed_dim, data.grid)
     total = cfg.total_steps(len(data))
     sampler = StepSampler(len(data), cfg.batch_size, cfg.seed)
     batches = lambda start, rank, world: step_loader(data, sampler, start, total, rank, world, workers)
     loss_fn = lambda net, b: token_loss(net(b[0]), b[1])
     meta = {"backbone": data.model, "pairs": str(Path(pairs).resolve()), "n_pairs": len(data), "train": cfg.to_dict()}
     save_fn = lambda m, out: save_denoiser(m, Path(out) / "denoiser.safetensors", **meta)
-    if curve == "auto": curve = figures_dir() / f"denoiser_loss_{Path(out_dir).resolve().name}.png"
     fit(den, loss_fn, batches, cfg, out_dir, total_steps=total, save_fn=save_fn, device=device, resume=resume,
-        progress=progress, desc=desc, callback=callback, curve=curve, extra={"arch": den.config, "n_pairs": len(data)})
+        progress=progress, desc=desc, callback=callback, curve=curve, restart=restart,
+        extra={"arch": den.config, "n_pairs": len(data), "pairs": data.fingerprint()})
     return den.eval()
 
 # %% ../nbs/03_denoiser.ipynb #9c2b6416
-def _config_from_args(presets: dict, a) -> TrainConfig:
-    over = {k: v for k, v in dict(steps=a.steps, batch_size=a.batch_size, blr=a.blr, save_every=a.save_every,
-                                  seed=a.seed, epochs=getattr(a, "epochs", None)).items() if v is not None}
-    return replace(presets[a.preset], **over)
-
-def _add_train_args(ap: argparse.ArgumentParser, presets: dict):
-    ap.add_argument("--preset", default="paper", choices=list(presets), help="paper: DVT's recipe; smoke: a CPU check")
-    for k, t in (("steps", int), ("batch-size", int), ("blr", float), ("save-every", int), ("seed", int)):
-        ap.add_argument(f"--{k}", type=t, default=None, help="override the preset")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: this process's GPU, else CPU)")
-    ap.add_argument("--workers", type=int, default=0, help="data loader processes")
-    ap.add_argument("--no-resume", action="store_true", help="start over even if OUT holds a checkpoint")
-    ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--curve", default="auto", help="loss curve PNG (default: figures/<...>_loss_<OUT name>.png)")
-
 def train_denoiser_cli(argv: list[str] | None = None):
-    "Console entry point `dvt_train_denoiser`: train a stage-2 denoiser on a folder of stage-1 pairs (torchrun for multi-GPU)."
-    ap = argparse.ArgumentParser(prog="dvt_train_denoiser", description=train_denoiser_cli.__doc__)
+    "Train DVT's stage-2 denoiser on a folder of stage-1 pairs; writes OUT/denoiser.safetensors (torchrun for several GPUs)."
+    ap = argparse.ArgumentParser(prog="dvt_train_denoiser", description=train_denoiser_cli.__doc__, epilog=TRAIN_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pairs", help="folder of stage-1 outputs (<stem>.safetensors with raw/clean, config.json)")
-    ap.add_argument("out", help="output folder: denoiser.safetensors + denoiser.json + train_state.safetensors")
-    _add_train_args(ap, DENOISER_PRESETS)
+    ap.add_argument("out", help="output folder: denoiser.safetensors + denoiser.json + train_state.safetensors + loss.png")
+    add_train_args(ap, DENOISER_PRESETS)
     a = ap.parse_args(argv)
-    with distributed_run(a.device) as device:
-        train_denoiser(a.pairs, a.out, _config_from_args(DENOISER_PRESETS, a), device=device, resume=not a.no_resume,
-                       progress=not a.no_progress, workers=a.workers, curve=a.curve)
+    with user_errors("dvt_train_denoiser"), distributed_run(a.device) as device:
+        train_denoiser(a.pairs, a.out, config_from_args(DENOISER_PRESETS, a), device=device, resume=not a.no_resume,
+                       progress=not a.no_progress, workers=a.workers, curve=None if a.curve == "none" else a.curve,
+                       restart="--no-resume")
         rank, world = dist_info()
         if rank == 0: print(f"[dvt_train_denoiser] wrote {Path(a.out) / 'denoiser.safetensors'} ({world} process{'es' * (world > 1)})")

@@ -535,7 +535,7 @@ class SRTBaseline(BackboneWrapper):
 
 # %% ../nbs/03b_srt.ipynb #c2cef98e
 class SRTTeacher(BackboneWrapper):
-    "`srt(backbone, images, ...)` tokens as a module: a backbone in its own right and a frozen teacher for `dvt.distill.distill`."
+    "`srt(backbone, images, ...)` tokens as a module: a backbone in its own right and a frozen teacher for `dvt.distillation.distill`."
     variant = "srt"
     def __init__(self, backbone: nn.Module, radius: int | None = None, preset: str | SRTConfig = "default", **srt_kwargs):
         if {"output", "layers", "prefix"} & set(srt_kwargs):

@@ -4,34 +4,27 @@
 
 # %% ../nbs/02d_stage1_data.ipynb #b6076078
 from __future__ import annotations
-import argparse, hashlib, json, os, sys, time
+import argparse, hashlib, json, os, re, sys, time
 from dataclasses import asdict, replace
 from pathlib import Path
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 from .core import pick_device
+from .contract import make_backbone
 from .stage1 import Stage1Config, stage1_config, _geometry, _prepare, _fit_prepared
+from .runs import (RunLock, LockedError, Progress, save_tensors, safetensors_problem, check_writable, clean_temporaries,
+                      disk_problem, read_json, write_json, module_fingerprint, fault_point, user_errors)
 
 # %% auto #0
-__all__ = ['IMAGE_EXTENSIONS', 'write_stage1', 'read_stage1', 'list_images', 'image_seed', 'parse_shard', 'backbone_info',
-           'run_config', 'denoise_folder', 'make_backbone', 'denoise_folder_cli']
+__all__ = ['IMAGE_EXTENSIONS', 'DENOISE_EPILOG', 'write_stage1', 'read_stage1', 'list_images', 'image_seed', 'parse_shard',
+           'backbone_info', 'weights_info', 'run_config', 'prepare_out', 'denoise_folder', 'denoise_folder_cli']
 
 # %% ../nbs/02d_stage1_data.ipynb #c005e169
 def write_stage1(path: str | Path, raw: torch.Tensor, clean: torch.Tensor, meta: dict | None = None) -> Path:
     "Atomically write a stage-1 pair `raw`, `clean` `(h, w, C)` (float32) with string `meta` to `path` (`.safetensors`)."
-    from safetensors.torch import save_file
-    path = Path(path)
     if raw.ndim != 3 or raw.shape != clean.shape:
         raise ValueError(f"raw and clean must both be (h, w, C); got {tuple(raw.shape)} and {tuple(clean.shape)}.")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({"raw": raw.detach().float().cpu().contiguous(), "clean": clean.detach().float().cpu().contiguous()},
-                  str(tmp), metadata={k: str(v) for k, v in (meta or {}).items()})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return path
+    return save_tensors(path, {"raw": raw.float(), "clean": clean.float()}, meta)
 
 def read_stage1(path: str | Path) -> dict:
     "Read a stage-1 pair: `{'raw': (h, w, C), 'clean': (h, w, C), 'meta': {...}}`."
@@ -76,8 +69,8 @@ def parse_shard(spec: str | None = None) -> tuple[int, int]:
     if not 0 <= i < n: raise ValueError(f"shard {spec!r} must satisfy 0 <= i < n.")
     return i, n
 
-# %% ../nbs/02d_stage1_data.ipynb #6646fee1
-_COMPUTE_ONLY = ("device", "extract_batch", "extract_dtype")   # settings that do not change the results
+# %% ../nbs/02d_stage1_data.ipynb #aa38c48b
+_COMPUTE_ONLY = ("device", "extract_batch")   # settings that do not change the results
 
 def backbone_info(backbone: nn.Module) -> dict:
     "The settings that identify `backbone`'s tokens (name, patch, stride, width, input size, layer, norm, config)."
@@ -87,94 +80,189 @@ def backbone_info(backbone: nn.Module) -> dict:
     if hasattr(backbone, "config") and hasattr(backbone.config, "__dataclass_fields__"): info["config"] = asdict(backbone.config)
     return json.loads(json.dumps(info, default=str))
 
+def weights_info(backbone: nn.Module) -> dict:
+    "What identifies `backbone`'s weights: a hash of every tensor, plus its checkpoint file or timm pretrained tag when known."
+    info = {"sha256": module_fingerprint(backbone)}
+    if getattr(backbone, "checkpoint", None): info["checkpoint"] = str(backbone.checkpoint)
+    pc = getattr(getattr(backbone, "model", None), "pretrained_cfg", None) or {}
+    if pc.get("hf_hub_id") or pc.get("tag"): info["pretrained"] = f"{pc.get('hf_hub_id') or ''}{'.' + pc['tag'] if pc.get('tag') else ''}"
+    return info
+
 def run_config(backbone: nn.Module, cfg: Stage1Config, preset: str) -> dict:
     "The `config.json` of a stage-1 run."
     return {"format": "dvt.stage1", "model": backbone_info(backbone)["name"], "backbone": backbone_info(backbone),
-            "preset": preset if isinstance(preset, str) else "custom", "stage1": json.loads(json.dumps(asdict(cfg))),
-            "seed_rule": "each image uses dvt.stage1_data.image_seed(stage1.seed, stem)"}
+            "weights": weights_info(backbone), "preset": preset if isinstance(preset, str) else "custom",
+            "stage1": json.loads(json.dumps(asdict(cfg))), "seed_rule": "each image uses dvt.stage1_data.image_seed(stage1.seed, stem)"}
 
-def _same_run(a: dict, b: dict) -> bool:
+# %% ../nbs/02d_stage1_data.ipynb #7b71eb45
+def prepare_out(out: Path, config: dict, overwrite: bool) -> None:
+    "Check `out` is writable, refuse a folder holding another run, write `config.json`; all under the folder's config lock."
+    check_writable(out)
+    with RunLock(out / ".config.lock", f"the stage-1 folder {out}", wait=120):
+        for t in out.iterdir():                                     # killed runs' probes, config and safetensors temporaries
+            if t.name.startswith((".write-test-", ".config.json.tmp-")) or re.fullmatch(r"\.tmp[A-Za-z0-9_]{6,8}", t.name):
+                t.unlink(missing_ok=True)
+        f = out / "config.json"
+        if f.exists() and not overwrite:
+            old = read_json(f, "remove it if no outputs remain, or rerun with --overwrite (overwrite=True) to recompute everything")
+            if (diff := _run_diff(old, config)):
+                raise ValueError(f"{out} holds outputs of a different stage-1 run ({'; '.join(diff[:4])}); resume with the same "
+                                 "settings, use another folder, or pass overwrite=True / --overwrite to recompute everything.")
+        fault_point("config-write")
+        write_json(f, config)
+
+def _run_diff(a: dict, b: dict) -> list[str]:
+    "The settings in which two stage-1 run configurations differ (compute-only settings aside)."
     strip = lambda c: {**c, "stage1": {k: v for k, v in c.get("stage1", {}).items() if k not in _COMPUTE_ONLY}}
-    return strip(a) == strip(b)
+    a, b = strip(a), strip(b)
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += [f"{k}.{j}: {a[k].get(j)} there, {b[k].get(j)} now" for j in sorted(set(a[k]) | set(b[k])) if a[k].get(j) != b[k].get(j)]
+        elif a.get(k) != b.get(k): out.append(f"{k}: {a.get(k)} there, {b.get(k)} now")
+    return out
 
-def _prepare_out(out: Path, config: dict, overwrite: bool) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"; probe.write_bytes(b""); probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"cannot write to the output folder {out} ({type(e).__name__}: {e}); choose a writable --out.") from e
-    f = out / "config.json"
-    if f.exists() and not overwrite:
-        old = json.loads(f.read_text())
-        if not _same_run(old, config):
-            raise ValueError(f"{out} holds outputs of a different stage-1 run (see its config.json); resume with the same settings, "
-                             "use another folder, or pass overwrite=True / --overwrite to recompute everything.")
-    tmp = out / f".config.json.tmp-{os.getpid()}"; tmp.write_text(json.dumps(config, indent=1)); os.replace(tmp, f)
-
-def denoise_folder(source, out_dir: str | Path, backbone: nn.Module, preset: str | Stage1Config = "default",
-                   shard: str | tuple[int, int] | None = None, overwrite: bool = False, progress: bool = True,
-                   batch_images: int = 1, **config) -> dict:
+# %% ../nbs/02d_stage1_data.ipynb #59f68ed4
+def denoise_folder(source, out_dir: str | Path, backbone: nn.Module,
+                   preset: str | Stage1Config = "default",  # stage-1 preset name or config
+                   shard: str | tuple[int, int] | None = None,  # "i/n" or (i, n); default: torchrun's RANK/WORLD_SIZE
+                   overwrite: bool = False,  # recompute images whose output exists
+                   progress: bool = True,  # a bar in a terminal, one line per image in a log
+                   batch_images: int = 1,  # images fitted together in one loop
+                   **config) -> dict:
     "Run stage 1 on every image of `source` in this shard, writing `<stem>.safetensors` pairs to `out_dir`; resumable."
     cfg = stage1_config(preset, **config)
     if batch_images < 1: raise ValueError(f"batch_images={batch_images}: use batch_images >= 1.")
     images = list_images(source)
     i, n = shard if isinstance(shard, tuple) else parse_shard(shard)
-    mine = images[i::n]
-    out = Path(out_dir)
-    _prepare_out(out, run_config(backbone, cfg, preset), overwrite)
-    for p in mine:                                                  # temporary files of this shard's killed runs
-        for t in out.glob(f".{p.stem}.safetensors.tmp-*"): t.unlink(missing_ok=True)
-    report = {"done": [], "skipped": [], "failed": [], "timings": [], "shard": (i, n), "out": str(out)}
-    todo = []
-    for p in mine:
-        if (out / f"{p.stem}.safetensors").exists() and not overwrite: report["skipped"].append(str(p))
-        else: todo.append(p)
+    mine, out = images[i::n], Path(out_dir)
+    prepare_out(out, run_config(backbone, cfg, preset), overwrite)
     _geometry(backbone, cfg)                                        # a bad size fails here, not once per image
     dev = pick_device(cfg.device)
-    backbone = backbone.to(dev).eval()
-    name = backbone_info(backbone)["name"]
-    bar = tqdm(total=len(mine), initial=len(report["skipped"]), desc=f"dvt_denoise {i}/{n}", unit="img",
-               disable=not progress or None)
-    def fail(p, e): report["failed"].append((str(p), f"{type(e).__name__}: {e}")); bar.update(1)
-    def flush(ready):                                               # fit the prepared images together, write each
-        try: results = _fit_prepared([r for _, r in ready], dev)
+    backbone = backbone.to(dev).eval()                              # note: moves the caller's module and sets eval mode
+    run = _FolderRun(out, backbone, cfg, dev, overwrite, batch_images, Progress(len(mine), f"dvt_denoise {i}/{n}",
+                                                                              enabled=progress, unit="img"))
+    run.report.update(shard=(i, n), out=str(out))
+    try: run.go(mine)
+    finally: run.bar.close()
+    return run.report
+
+# %% ../nbs/02d_stage1_data.ipynb #c0b51521
+def _done(out: Path, p: Path) -> bool:
+    "Whether image `p`'s output is complete (header and size check); an unusable one is removed to be recomputed."
+    f = out / f"{p.stem}.safetensors"
+    if not f.exists(): return False
+    if safetensors_problem(f, keys=("raw", "clean")) is None: return True
+    f.unlink(missing_ok=True); return False
+
+def _claim(out: Path, p: Path) -> RunLock | None:
+    "A held claim on image `p` in `out`, or None if another live process holds it."
+    try: return RunLock(out / f".{p.stem}.claim", f"image {p.name}").acquire()
+    except LockedError: return None
+
+# %% ../nbs/02d_stage1_data.ipynb #9fbe1f71
+class _FolderRun:
+    "The per-image loop of `denoise_folder`: claim, skip or prepare, fit in batches, write; stops on a full disk."
+    def __init__(self, out, backbone, cfg, dev, overwrite, batch_images, bar):
+        self.out, self.bb, self.cfg, self.dev, self.overwrite, self.k, self.bar = out, backbone, cfg, dev, overwrite, batch_images, bar
+        self.name = backbone_info(backbone)["name"]
+        self.report = {"done": [], "skipped": [], "busy": [], "failed": [], "timings": [], "stopped": None}
+
+    def tick(self, key: str, p: Path, note: str = ""):
+        if key != "done": self.report[key].append((str(p), note) if key == "failed" else str(p))
+        self.bar.update(1, note=f"{p.name} {note or key}", done=len(self.report["done"]), failed=len(self.report["failed"]))
+
+    def go(self, images: list[Path]):
+        ready = []
+        for p in images:
+            if self.report["stopped"]: break
+            if not self.overwrite and (self.out / f"{p.stem}.safetensors").exists() and not (self.out / f".{p.stem}.claim").exists() \
+                    and safetensors_problem(self.out / f"{p.stem}.safetensors", keys=("raw", "clean")) is None:
+                self.tick("skipped", p); continue                    # finished earlier: no claim needed
+            if (claim := _claim(self.out, p)) is None: self.tick("busy", p, "being computed by another process"); continue
+            if not self.overwrite and _done(self.out, p): claim.release(); self.tick("skipped", p); continue
+            clean_temporaries(self.out, [f"{p.stem}.safetensors"])  # a killed run's half-written file of this image
+            try: ready.append((p, _prepare(self.bb, p, replace(self.cfg, seed=image_seed(self.cfg.seed, p.stem)), self.dev), claim))
+            except (KeyboardInterrupt, SystemExit): raise
+            except Exception as e: claim.release(); self.tick("failed", p, f"{type(e).__name__}: {e}")
+            if len(ready) == self.k: self.flush(ready); ready = []
+        if ready: self.flush(ready)
+
+# %% ../nbs/02d_stage1_data.ipynb #f7897156
+from fastcore.basics import patch
+
+@patch
+def flush(self: _FolderRun, ready: list):
+    "Fit the prepared images together and write each; release their claims."
+    try:
+        try: results = _fit_prepared([r for _, r, _ in ready], self.dev)
         except (KeyboardInterrupt, SystemExit): raise
         except Exception as e:
-            for p, _ in ready: fail(p, e)
+            for p, _, _ in ready: self.tick("failed", p, f"{type(e).__name__}: {e}")
             return
-        for (p, _), res in zip(ready, results):
-            write_stage1(out / f"{p.stem}.safetensors", res.raw, res.clean, {"image": str(p), "model": name})
-            report["done"].append(str(p)); report["timings"].append(res.timings); bar.update(1)
-        bar.set_postfix(done=len(report["done"]), skipped=len(report["skipped"]), failed=len(report["failed"]))
-    ready = []
-    for k, p in enumerate(todo):
-        try: ready.append((p, _prepare(backbone, p, replace(cfg, seed=image_seed(cfg.seed, p.stem)), dev)))
-        except (KeyboardInterrupt, SystemExit): raise
-        except Exception as e: fail(p, e)                            # unreadable, too small, NaN tokens: skip this one
-        if len(ready) == batch_images or (ready and k == len(todo) - 1): flush(ready); ready = []
-    bar.close()
-    return report
+        for (p, _, _), res in zip(ready, results):
+            if self.report["stopped"]: self.tick("failed", p, f"not written: {self.report['stopped']}"); continue
+            try: write_stage1(self.out / f"{p.stem}.safetensors", res.raw, res.clean, {"image": str(p), "model": self.name})
+            except OSError as e:
+                if (why := disk_problem(e)) is None: raise
+                self.report["stopped"] = why
+                self.tick("failed", p, f"{why}: could not write {self.out / (p.stem + '.safetensors')} ({e.strerror or e})"); continue
+            self.report["done"].append(str(p)); self.report["timings"].append(res.timings); self.tick("done", p)
+    finally:
+        for _, _, claim in ready: claim.release()
 
 # %% ../nbs/02d_stage1_data.ipynb #8d8f9a03
 def _value(s: str):
     try: return json.loads(s)
     except json.JSONDecodeError: return s
 
-def make_backbone(model: str, pretrained: bool = True, checkpoint: str | None = None, layer: int = -1,
-                  stride: int | None = None) -> nn.Module:
-    "A `Backbone` for a timm name, or the synthetic `PlantedBackbone` for `model='planted'`."
-    if model == "planted":
-        from dvt.synthetic import PlantedBackbone
-        return PlantedBackbone(**({"stride": stride} if stride else {}))
-    from dvt.backbones import Backbone
-    return Backbone(model, pretrained=pretrained, checkpoint=checkpoint, layer=layer, stride=stride)
+def _backbone_options(a: argparse.Namespace) -> dict:
+    "The `dvt.make_backbone` options the command line set (only those given, so any registered base accepts them)."
+    opts = {"pretrained": False} if a.random_init else {}
+    if a.checkpoint: opts["checkpoint"] = a.checkpoint
+    if a.layer != -1: opts["layer"] = a.layer
+    if a.stride: opts["stride"] = a.stride
+    return opts
+
+# %% ../nbs/02d_stage1_data.ipynb #f3c54548
+DENOISE_EPILOG = """Killed and rerun: rerunning the same command skips every image whose output file is complete (its
+header and size are checked; a truncated or empty file is recomputed), removes the killed run's temporary files, and
+computes the rest; the outputs equal those of an uninterrupted run. Several processes may share one --out, with or
+without --shard: each image is claimed before it is computed, so none is done twice. A rerun with settings or weights
+that change the numbers is refused (--overwrite recomputes everything). A full or read-only disk fails the image being
+written with the reason, stops the run, and keeps every finished image. Exit status: 0 when every image of the shard
+is done or being done by another process, 1 when some failed, 2 on a setting or folder error."""
 
 def denoise_folder_cli(argv: list[str] | None = None):
-    "Console entry point `dvt_denoise`: stage 1 over a folder or list of images (resumable, sharded)."
-    ap = argparse.ArgumentParser(prog="dvt_denoise", description=denoise_folder_cli.__doc__)
+    "Run DVT's stage 1 on a folder or list of images and write one (raw, clean) token pair per image (resumable, sharded)."
+    ap = argparse.ArgumentParser(prog="dvt_denoise", description=denoise_folder_cli.__doc__, epilog=DENOISE_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_denoise_args(ap)
+    a = ap.parse_args(argv)
+    overrides = {}
+    for kv in a.set:
+        if "=" not in kv: ap.error(f"--set {kv!r} must be KEY=VALUE")
+        k, v = kv.split("=", 1); overrides[k.strip()] = _value(v)
+    for k in ("seed", "size", "device"):
+        if getattr(a, k) is not None: overrides[k] = getattr(a, k)
+    if "device" not in overrides and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        overrides["device"] = f"cuda:{os.environ['LOCAL_RANK']}"
+    if a.threads: torch.set_num_threads(a.threads)
+    with user_errors("dvt_denoise"):
+        stage1_config(a.preset, **overrides)                         # bad settings fail before the model loads
+        bb = make_backbone(a.model, **_backbone_options(a))
+        t0 = time.perf_counter()
+        rep = denoise_folder(a.source, a.out, bb, preset=a.preset, shard=a.shard, overwrite=a.overwrite,
+                             batch_images=a.batch_images, progress=not a.no_progress, **overrides)
+    _summary(rep, time.perf_counter() - t0)
+    if rep["failed"]: sys.exit(1)                                    # None otherwise: the console script's sys.exit(None) is 0
+
+# %% ../nbs/02d_stage1_data.ipynb #51192668
+def _add_denoise_args(ap: argparse.ArgumentParser):
     ap.add_argument("source", help="folder of images (recursive) or a text file with one image path per line")
     ap.add_argument("--out", required=True, help="output folder: config.json + <stem>.safetensors (raw, clean)")
-    ap.add_argument("--model", required=True, help="timm model name (e.g. vit_base_patch14_dinov2.lvd142m) or 'planted'")
+    ap.add_argument("--model", required=True, help="a backbone spec (dvt.make_backbone): a timm name (e.g. vit_base_patch14_dinov2.lvd142m), 'planted', "
+                    "or a composed variant such as srt@2:vit_base_patch14_dinov2.lvd142m")
     ap.add_argument("--random-init", action="store_true", help="random weights (timing runs); default: pretrained")
     ap.add_argument("--checkpoint", default=None, help="local weights file for the timm model")
     ap.add_argument("--layer", type=int, default=-1, help="block whose tokens are denoised (default: last)")
@@ -188,31 +276,24 @@ def denoise_folder_cli(argv: list[str] | None = None):
     ap.add_argument("--overwrite", action="store_true", help="recompute images whose output exists")
     ap.add_argument("--batch-images", type=int, default=1,
                     help="images whose fields are fitted together in one loop (default 1; 8 on a GPU, memory permitting)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar or per-image lines")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    a = ap.parse_args(argv)
-    overrides = {}
-    for kv in a.set:
-        if "=" not in kv: ap.error(f"--set {kv!r} must be KEY=VALUE")
-        k, v = kv.split("=", 1); overrides[k.strip()] = _value(v)
-    for k in ("seed", "size", "device"):
-        if getattr(a, k) is not None: overrides[k] = getattr(a, k)
-    if "device" not in overrides and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        overrides["device"] = f"cuda:{os.environ['LOCAL_RANK']}"
-    if a.threads: torch.set_num_threads(a.threads)
-    stage1_config(a.preset, **overrides)                             # bad settings fail before the model loads
-    bb = make_backbone(a.model, pretrained=not a.random_init, checkpoint=a.checkpoint, layer=a.layer, stride=a.stride)
-    t0 = time.perf_counter()
-    rep = denoise_folder(a.source, a.out, bb, preset=a.preset, shard=a.shard, overwrite=a.overwrite,
-                         batch_images=a.batch_images, **overrides)
-    i, n = rep["shard"]
-    print(f"[dvt_denoise {i}/{n}] {len(rep['done'])} denoised, {len(rep['skipped'])} already done, {len(rep['failed'])} failed "
-          f"in {time.perf_counter() - t0:.1f}s -> {rep['out']}", flush=True)
+
+def _summary(rep: dict, secs: float):
+    "Print the run's totals, mean timings, failures and why it stopped."
+    i, n = rep["shard"]; tag = f"[dvt_denoise {i}/{n}]"
+    busy = f", {len(rep['busy'])} being computed by another process" if rep["busy"] else ""
+    print(f"{tag} {len(rep['done'])} denoised, {len(rep['skipped'])} already done, {len(rep['failed'])} failed{busy} "
+          f"in {secs:.1f}s -> {rep['out']}", flush=True)
     if rep["timings"]:
         mean = {k: sum(t[k] for t in rep["timings"]) / len(rep["timings"]) for k in ("extract", "fit", "total")}
-        print(f"[dvt_denoise {i}/{n}] per image: " + ", ".join(f"{k} {v:.2f}s" for k, v in mean.items()), flush=True)
-    for p, err in rep["failed"]: print(f"[dvt_denoise {i}/{n}] FAILED {p}: {err}", file=sys.stderr, flush=True)
-    if rep["failed"]: sys.exit(1)                                    # None otherwise: the console script's sys.exit(None) is 0
+        print(f"{tag} per image: " + ", ".join(f"{k} {v:.2f}s" for k, v in mean.items()), flush=True)
+    for p, err in rep["failed"]: print(f"{tag} FAILED {p}: {err}", file=sys.stderr, flush=True)
+    if rep["stopped"]:
+        print(f"{tag} stopped: {rep['stopped']} in {rep['out']}. The finished images are kept; free space (or make the folder "
+              "writable) and rerun the same command to continue.", file=sys.stderr, flush=True)
 
+# %% ../nbs/02d_stage1_data.ipynb #15a8b8e7
 def _in_ipython() -> bool:
     try: from IPython import get_ipython
     except ImportError: return False

@@ -1,4 +1,4 @@
-"""Stage 3 (dvt.distill): any teacher callable or precomputed targets, exact resume, save/reload through Backbone, the CLI
+"""Stage 3 (dvt.distillation): any teacher callable or precomputed targets, exact resume, save/reload through Backbone, the CLI
 with an official-format denoiser, and clear errors."""
 import json
 from functools import partial
@@ -12,8 +12,11 @@ from timm.models.vision_transformer import Block
 
 from dvt.backbones import Backbone
 from dvt.data import sample_images, resize_images
-from dvt.denoiser import Denoiser, DenoisedBackbone, TrainConfig, token_loss
-from dvt.distill import distill, distill_loss, make_student, distill_cli, ImageSet, DISTILL_PRESETS
+import dvt.train
+from dvt.denoiser import Denoiser, DenoisedBackbone, token_loss
+from dvt.train import TrainConfig, STATE_FILE
+from dvt.runs import module_fingerprint
+from dvt.distillation import distill, distill_loss, make_student, distill_cli, ImageSet, DISTILL_PRESETS
 
 NAME = "vit_small_patch14_dinov2.lvd142m"
 SIZE = 42  # a 3 x 3 grid: cheap on CPU
@@ -40,8 +43,11 @@ def test_resume_after_interruption_is_exact(setup, tmp_path):
     hb = distill(b, teacher, ims, tmp_path / "b", cfg, size=SIZE, progress=False, curve=None)
     fct.test_eq(len(hb), 4)
     for k, v in a.state_dict().items(): assert torch.equal(v, b.state_dict()[k]), k
-    # the teacher did not move
-    fct.test_eq(any(p.requires_grad for p in teacher.parameters()), False)
+    # the teacher did not move, and its requires_grad flags are the caller's (not switched off behind their back)
+    flags = [p.requires_grad for p in teacher.parameters()]
+    fp = module_fingerprint(teacher)
+    distill(make_student(vit), teacher, ims, tmp_path / "c", TrainConfig(steps=1, batch_size=2), size=SIZE, progress=False, curve=None)
+    fct.test_eq(module_fingerprint(teacher), fp); fct.test_eq([p.requires_grad for p in teacher.parameters()], flags)
 
 
 def test_saved_student_reloads_through_backbone(setup, tmp_path):
@@ -118,3 +124,76 @@ def test_cli_with_an_official_format_denoiser(tmp_path):
 def test_presets():
     fct.test_eq(DISTILL_PRESETS["paper"].total_steps(1_281_167), 12_512)
     fct.test_close(DISTILL_PRESETS["paper"].lr, 2e-4 * 2 ** 0.5, eps=1e-12)
+
+
+# ---------------------------------------------------------------- crash safety, bad images, messages (issue 14)
+class Killed(BaseException):
+    "Stands for SIGKILL: no handler of the loop runs (it is not an Exception nor a KeyboardInterrupt)."
+
+
+def test_kill_between_student_and_state_at_the_last_step(setup, tmp_path, monkeypatch):
+    vit, teacher, ims = setup
+    cfg = TrainConfig(steps=2, batch_size=2, blr=4e-3, save_every=1)
+    a = make_student(vit); distill(a, teacher, ims, tmp_path / "a", cfg, size=SIZE, progress=False, curve=None)
+    def fault(name):
+        if name == "product-saved:2": raise Killed()
+    monkeypatch.setattr(dvt.train, "fault_point", fault)
+    with pytest.raises(Killed): distill(make_student(vit), teacher, ims, tmp_path / "b", cfg, size=SIZE, progress=False, curve=None)
+    monkeypatch.undo()
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "b" / STATE_FILE), "pt") as f: fct.test_eq(f.metadata()["step"], "1")
+    b = make_student(vit); distill(b, teacher, ims, tmp_path / "b", cfg, size=SIZE, progress=False, curve=None)
+    for k, v in a.state_dict().items(): assert torch.equal(v, b.state_dict()[k]), k
+    again = Backbone(NAME, checkpoint=tmp_path / "b" / "student.safetensors")
+    for k, v in a.model.state_dict().items(): assert torch.equal(v, again.model.state_dict()[k]), k
+    fct.test_eq(oct((tmp_path / "b" / "student.safetensors").stat().st_mode & 0o777), oct(0o666 & ~_umask()))
+
+
+def _umask():
+    import os
+    u = os.umask(0); os.umask(u); return u
+
+
+def test_resume_with_another_teacher_or_images_is_refused(setup, tmp_path):
+    vit, teacher, ims = setup
+    cfg = TrainConfig(steps=2, batch_size=2, save_every=2)
+    distill(make_student(vit), teacher, ims, tmp_path / "r", cfg, size=SIZE, progress=False, curve=None)
+    other = DenoisedBackbone(vit, Denoiser(384, 3))
+    fct.test_fail(lambda: distill(make_student(vit), other, ims, tmp_path / "r", cfg, size=SIZE, progress=False, curve=None),
+                  contains="teacher: sha256:")
+    fct.test_fail(lambda: distill(make_student(vit), teacher, ims[:3] + ims[:1], tmp_path / "r", cfg, size=SIZE, progress=False,
+                                  curve=None), contains="images: sha256:")
+
+
+def test_unreadable_image_is_skipped_by_name(tmp_path, capsys):
+    from PIL import Image
+    from dvt.denoiser import save_denoiser
+    d = tmp_path / "imgs"; d.mkdir()
+    for i, im in enumerate(sample_images(3)):
+        Image.fromarray((resize_images(im, 64).permute(1, 2, 0) * 255).round().byte().numpy()).save(d / f"{i}.jpg")
+    (d / "1.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    den = save_denoiser(Denoiser(384, 3), tmp_path / "den.safetensors")
+    distill_cli([NAME, str(d), str(tmp_path / "out"), "--denoiser", str(den), "--random-init", "--size", str(SIZE),
+                 "--steps", "2", "--batch-size", "3", "--no-progress", "--curve", "none", "--workers", "0"])
+    out, err = capsys.readouterr()
+    assert "skipping unreadable image" in err and "1.jpg" in err and err.count("Traceback") == 0, err
+    assert "wrote" in out and (tmp_path / "out" / "student.safetensors").is_file()
+    (d / "0.jpg").write_bytes(b""); (d / "2.jpg").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        distill_cli([NAME, str(d), str(tmp_path / "none"), "--denoiser", str(den), "--random-init", "--size", str(SIZE),
+                     "--steps", "1", "--batch-size", "1", "--no-progress"])
+    assert e.value.code == 2 and "none of the 3 training images can be read" in capsys.readouterr().err
+
+
+def test_help_says_what_it_does_and_what_a_rerun_does(capsys):
+    with pytest.raises(SystemExit): distill_cli(["--help"])
+    out = capsys.readouterr().out
+    assert out.split("\n\n")[1].startswith("Fine-tune a timm ViT"), out[:300]
+    assert "Killed and rerun" in out and "Unreadable images are skipped" in out and "Console entry point" not in out
+
+
+def test_dvt_distill_stays_the_function():
+    import dvt
+    f = dvt.distill
+    import dvt.distillation
+    assert callable(dvt.distill) and dvt.distill is f is dvt.distillation.distill

@@ -171,14 +171,14 @@ def test_mean_memory_is_flat_in_the_number_of_shifts():
 
 def test_teacher_is_a_backbone_and_refuses_shared_weights():
     from dvt.backbones import Backbone
-    from dvt.distill import _check_teacher, make_student
+    from dvt.distillation import check_teacher, make_student
     tiny = Backbone("vit_tiny_patch16_224", pretrained=False, depth=1)
     t = SRTTeacher(tiny, radius=1)
     x = torch.rand(2, 3, 32, 48)
     fct.test_eq(t(x).shape, (2, 2, 3, 192)); fct.test_eq((t.patch_size, t.stride, t.embed_dim), (16, 16, 192))
     fct.test_close(t(x), srt(tiny, x, radius=1), eps=1e-6)
-    fct.test_fail(lambda: _check_teacher(tiny, t), contains="make_student")
-    _check_teacher(make_student(tiny), t)
+    fct.test_fail(lambda: check_teacher(tiny, t), contains="make_student")
+    check_teacher(make_student(tiny), t)
     fct.test_fail(lambda: SRTTeacher(tiny, output="pixels"), contains="cannot be set")
 
 

@@ -1,12 +1,14 @@
 """dvt_denoise at dataset scale: a killed run resumes to the same outputs; shards together equal one process."""
-import os, signal, subprocess, sys, time
+import errno, json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 import torch
 import fastcore.test as fct
 from PIL import Image
 from dvt.data import sample_image, resize_images
-from dvt.stage1_data import read_stage1, denoise_folder, list_images
+import dvt.runs
+from dvt.runs import RunLock
+from dvt.stage1_data import read_stage1, denoise_folder, denoise_folder_cli, list_images
 from dvt.synthetic import PlantedBackbone
 
 NAMES = ("astronaut", "coffee", "chelsea", "rocket", "retina", "camera")
@@ -42,12 +44,18 @@ def assert_same(a, b):
 
 
 @pytest.fixture(scope="module")
-def reference(images, tmp_path_factory):
+def reference_run(images, tmp_path_factory):
+    "The uninterrupted run, as a console command with its output going to a pipe (as in a Slurm log): (folder, stdout)."
     out = tmp_path_factory.mktemp("ref")
     r = subprocess.run(cmd(images, out), env=env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "6 denoised" in r.stdout, r.stdout
-    return outputs(out)
+    return out, r.stdout
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return outputs(reference_run[0])
 
 
 def test_kill_and_resume(images, reference, tmp_path):
@@ -114,3 +122,151 @@ def test_console_script_exits_0_and_batches(images, reference, tmp_path):
     for k in got:
         assert torch.equal(got[k]["raw"], reference[k]["raw"]), k
         torch.testing.assert_close(got[k]["clean"], reference[k]["clean"], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- crash, disk and concurrency safety (issue 14)
+@pytest.fixture(scope="module")
+def two(images, tmp_path_factory):
+    "A two-image folder (astronaut, chelsea) for the tests that start several processes."
+    src = tmp_path_factory.mktemp("two")
+    for k in ("astronaut", "chelsea"): (src / f"{k}.png").write_bytes((images / f"{k}.png").read_bytes())
+    return src
+
+
+def subset(ref, keys=("astronaut", "chelsea")):
+    return {k: ref[k] for k in keys}
+
+
+def run_inproc(src, out, **kw):
+    "The reference run's settings, in this process."
+    return denoise_folder(src, out, PlantedBackbone(), preset="smoke", size=64, steps=80, progress=False, **kw)
+
+
+def leftovers(folder):
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.startswith("."))
+
+
+def test_progress_lines_when_not_a_terminal(reference_run):
+    lines = [l for l in reference_run[1].splitlines() if l.startswith("[dvt_denoise 0/1] ") and "/6 " in l]
+    fct.test_eq(len(lines), 6)
+    assert lines[0].startswith("[dvt_denoise 0/1] 1/6 astronaut.png done"), lines
+
+
+def test_truncated_and_empty_outputs_are_recomputed_group_readable(images, reference_run, reference, tmp_path):
+    out = tmp_path / "out"; shutil.copytree(reference_run[0], out)
+    f = out / "astronaut.safetensors"; f.write_bytes(f.read_bytes()[:200])   # what a power loss can leave
+    (out / "coffee.safetensors").write_bytes(b"")
+    old = os.umask(0o022)
+    try: rep = run_inproc(images, out)
+    finally: os.umask(old)
+    fct.test_eq(sorted(Path(p).stem for p in rep["done"]), ["astronaut", "coffee"]); fct.test_eq(len(rep["skipped"]), 4)
+    assert_same(outputs(out), reference)
+    for name in ("astronaut.safetensors", "config.json"): fct.test_eq(oct((out / name).stat().st_mode & 0o777), "0o644")
+    fct.test_eq(leftovers(out), [])
+
+
+def test_resume_with_other_weights_or_dtype_is_refused(images, reference_run, tmp_path):
+    out = tmp_path / "out"; shutil.copytree(reference_run[0], out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["weights"]["sha256"].startswith("sha256:") and cfg["stage1"]["extract_dtype"] == "auto"
+    other = PlantedBackbone()
+    with torch.no_grad(): other.proj.mul_(1.01)                      # other weights, same name and geometry
+    fct.test_fail(lambda: denoise_folder(images, out, other, preset="smoke", size=64, steps=80, progress=False),
+                  contains="weights.sha256")
+    fct.test_fail(lambda: run_inproc(images, out, extract_dtype="bfloat16"), contains="extract_dtype")
+    fct.test_eq(json.loads((out / "config.json").read_text()), cfg)  # untouched
+
+
+def test_claimed_image_is_left_to_its_holder_and_a_killed_claim_does_not_block(images, reference, tmp_path):
+    out = tmp_path / "out"; out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from dvt.runs import RunLock; "
+                               f"RunLock({str(out / '.coffee.claim')!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+                              env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rep = run_inproc(images, out)
+        fct.test_eq([Path(p).stem for p in rep["busy"]], ["coffee"]); fct.test_eq(len(rep["done"]), 5)
+        assert not (out / "coffee.safetensors").exists()
+    finally:
+        holder.kill(); holder.wait()
+    rep = run_inproc(images, out)                                   # the killed holder's claim file is stale, not held
+    fct.test_eq([Path(p).stem for p in rep["done"]], ["coffee"])
+    assert_same(outputs(out), reference); fct.test_eq(leftovers(out), [])
+
+
+def test_two_processes_on_one_folder(two, reference, tmp_path):
+    "Same settings: they share the work (no image done twice). Other seeds at once: one of them is refused, never mixed."
+    out = tmp_path / "same"
+    ps = [subprocess.Popen(cmd(two, out), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    res = [p.communicate(timeout=600) + (p.returncode,) for p in ps]
+    assert all(rc == 0 for _, _, rc in res), res
+    done = [int(o.split(" denoised")[0].rsplit(" ", 1)[1]) for o, _, _ in res]
+    fct.test_eq(sum(done), 2)
+    assert_same(outputs(out), subset(reference)); fct.test_eq(leftovers(out), [])
+    out = tmp_path / "seeds"
+    ps = [subprocess.Popen(cmd(two, out, "--seed", str(k)), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for k in (0, 1)]
+    res = [p.communicate(timeout=600) + (p.returncode,) for p in ps]
+    fct.test_eq(sorted(rc for _, _, rc in res), [0, 2])
+    loser = [e for _, e, rc in res if rc == 2][0]
+    assert "different stage-1 run" in loser and "stage1.seed" in loser, loser
+    winner_seed = [k for k, (_, _, rc) in zip((0, 1), res) if rc == 0][0]
+    fct.test_eq(json.loads((out / "config.json").read_text())["stage1"]["seed"], winner_seed)
+    if winner_seed == 0: assert_same(outputs(out), subset(reference))
+
+
+@pytest.mark.parametrize("point,left", [("write-test", ".write-test-"), ("rename:config.json", ".config.json.tmp-"),
+                                        ("rename:chelsea.safetensors", ".chelsea.safetensors.tmp-")])
+def test_kill_at_a_write_point_leaves_no_temporaries(two, reference, tmp_path, point, left):
+    out = tmp_path / "out"
+    r = subprocess.run(cmd(two, out), env=env(DVT_FAULT=point), capture_output=True, text=True, timeout=600)
+    assert r.returncode == -9, (r.returncode, r.stderr[-2000:])
+    assert any(n.startswith(left) for n in leftovers(out)), leftovers(out)
+    (out / ".tmpAb12_z").write_bytes(b"half")                        # what safetensors.torch.save_file leaves when killed
+    run_inproc(two, out)
+    fct.test_eq(leftovers(out), [])
+    assert_same(outputs(out), subset(reference))
+
+
+def test_full_disk_fails_by_name_and_stops(images, reference, tmp_path, monkeypatch, capsys):
+    real, n = dvt.runs.atomic_write, []
+    def full(path, write, **kw):
+        if str(path).endswith(".safetensors"):
+            n.append(path)
+            if len(n) > 2: raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, write, **kw)
+    monkeypatch.setattr(dvt.runs, "atomic_write", full)
+    with pytest.raises(SystemExit) as e: denoise_folder_cli(cmd(images, tmp_path / "out", "--batch-images", "2")[3:])
+    fct.test_eq(e.value.code, 1)
+    err = capsys.readouterr().err
+    assert "FAILED" in err and "chelsea.png: disk full: could not write" in err and "stopped: disk full" in err, err
+    assert "coffee.png: not written: disk full" in err, err          # fitted in the same batch as chelsea
+    fct.test_eq(len(list((tmp_path / "out").glob("*.safetensors"))), 2); fct.test_eq(leftovers(tmp_path / "out"), [])
+    monkeypatch.setattr(dvt.runs, "atomic_write", real)
+    run_inproc(images, tmp_path / "out")
+    assert_same(outputs(tmp_path / "out"), reference)
+
+
+def test_read_only_folder_and_truncated_config_get_messages(images, reference_run, tmp_path, monkeypatch, capsys):
+    import builtins
+    real = builtins.open
+    def ro(path, *a, **k):
+        if ".write-test-" in str(path): raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, *a, **k)
+    monkeypatch.setattr(dvt.runs, "open", ro, raising=False)
+    with pytest.raises(SystemExit) as e: denoise_folder_cli(cmd(images, tmp_path / "ro")[3:])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "read-only file system" in err and "choose a writable --out" in err, err
+    monkeypatch.setattr(dvt.runs, "open", real, raising=False)
+    out = tmp_path / "cut"; shutil.copytree(reference_run[0], out)
+    (out / "config.json").write_text((out / "config.json").read_text()[:40])
+    with pytest.raises(SystemExit) as e: denoise_folder_cli(cmd(images, out)[3:])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "config.json is not valid JSON (truncated" in err and "--overwrite" in err, err
+
+
+def test_help_says_what_it_does_and_what_a_rerun_does(capsys):
+    with pytest.raises(SystemExit): denoise_folder_cli(["--help"])
+    out = capsys.readouterr().out
+    assert out.split("\n\n")[1].startswith("Run DVT's stage 1 on a folder"), out[:300]
+    assert "Killed and rerun" in out and "Console entry point" not in out
