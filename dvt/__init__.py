@@ -24,7 +24,7 @@ _API = {
     "srt": "resonance", "SRTTeacher": "resonance", "SRTConfig": "resonance", "SRTBaseline": "resonance",
     "noise_ensemble": "resonance", "output_ensemble": "resonance",
     "mic": "metrics", "position_mic": "metrics",
-    "make_fixtures": "datasets", "load_dataset": "datasets",
+    "make_fixtures": "datasets", "make_rehearsal_data": "datasets", "load_dataset": "datasets",
     "run_seg_probe": "probes", "run_depth_probe": "probes",
     "run_lost": "discovery", "run_davis": "discovery",
     "run_hummingbird": "retrieval", "run_overclustering": "retrieval",

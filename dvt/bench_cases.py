@@ -235,12 +235,11 @@ def fit_call(stack: nn.Module, # the K stacked noise models
              seeds: list # one token-draw seed per image
             ):
     "`fit(cfg)`: one run of stage 1's fit loop (`fit_stack`) on these inputs, each run from the same trainable set (a run freezes G)."
-    import dvt.stage1 as s1
+    from dvt.stage1 import fit_stack
     trainable = [q.requires_grad for q in stack.parameters()]
     def fit(cfg):
         for q, t in zip(stack.parameters(), trainable): q.requires_grad_(t)
-        if hasattr(s1, "fit_stack"): return s1.fit_stack(stack, y, coords, hw, cfg, seeds)
-        return s1._fit(stack, y, coords, hw, cfg, [torch.Generator(y.device).manual_seed(s) for s in seeds])  # stage 1 before `fit_stack`
+        return fit_stack(stack, y, coords, hw, cfg, seeds)
     return fit
 
 def first_call(fn, mode: str) -> None:

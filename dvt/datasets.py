@@ -14,11 +14,12 @@ from .core import repo_root
 from .data import load_image
 
 # %% auto #0
-__all__ = ['DATA_README', 'LAYOUTS', 'DATASETS', 'VOC_CLASSES', 'FIXTURE_VOC_CLASSES', 'FIXTURE_ADE_STUFF', 'FIXTURE_ADE_THINGS',
-           'data_root', 'find_dataset', 'voc_palette', 'read_label', 'write_label', 'SegmentationDataset',
-           'VOCSegmentation', 'ADE20KSegmentation', 'NYUDepthV2', 'DavisSequence', 'DAVIS2017', 'read_voc_boxes',
-           'VOCBoxes', 'load_dataset', 'make_fixture_voc', 'make_fixture_ade', 'make_fixture_nyu', 'make_fixture_davis',
-           'make_fixtures']
+__all__ = ['DATA_README', 'LAYOUTS', 'NYU_DEPTH_SCALE', 'DATASETS', 'VOC_CLASSES', 'FIXTURE_VOC_CLASSES', 'FIXTURE_VOC_COLOURS',
+           'VOC_REAL_SIZES', 'FIXTURE_ADE_STUFF', 'FIXTURE_ADE_THINGS', 'ADE_REAL_SIZES', 'data_root', 'find_dataset',
+           'voc_palette', 'read_label', 'write_label', 'SegmentationDataset', 'VOCSegmentation', 'ADE20KSegmentation',
+           'NYUDepthV2', 'read_depth', 'DavisSequence', 'DAVIS2017', 'read_voc_boxes', 'VOCBoxes', 'load_dataset',
+           'make_fixture_voc', 'make_fixture_ade', 'make_fixture_nyu', 'make_fixture_davis', 'make_fixtures',
+           'make_rehearsal_data']
 
 # %% ../nbs/03d_datasets.ipynb #6a3f660d
 DATA_README = "data/README.md"
@@ -91,27 +92,39 @@ def write_label(path: str | Path, label, palette: bool = True) -> Path:
     p = Path(path); p.parent.mkdir(parents=True, exist_ok=True); im.save(p); return p
 
 # %% ../nbs/03d_datasets.ipynb #7ec888fb
-def _read_ids(path: Path, what: str) -> list[str]:
-    if not path.exists(): raise FileNotFoundError(f"split file not found: {path} ({what}). See {DATA_README}.")
-    ids = [l.split()[0] for l in path.read_text().splitlines() if l.strip()]
-    if not ids: raise ValueError(f"split file {path} is empty.")
-    return ids
-
 class SegmentationDataset(Dataset):
     "Base class: a list of (image path, label path) pairs with `num_classes`, `ignore_index` and `reduce_zero_label`."
     num_classes, ignore_index, reduce_zero_label, name = 0, 255, False, "seg"
     def __init__(self, pairs: list[tuple[Path, Path]]): self.pairs = pairs
     def __len__(self): return len(self.pairs)
     def label(self, i: int) -> torch.Tensor:
-        "The `(H, W)` int64 label of item `i`, with `reduce_zero_label` applied."
+        "The `(H, W)` int64 label of item `i`, with `reduce_zero_label` applied; values outside the classes raise."
         y = read_label(self.pairs[i][1])
         if self.reduce_zero_label: y = torch.where((y == 0) | (y == 255), 255, y - 1)
+        bad = (y >= self.num_classes) & (y != self.ignore_index)
+        if bad.any(): raise ValueError(_bad_label_message(self, i, y[bad]))
         return y
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = load_image(self.pairs[i][0]), self.label(i)
         if x.shape[-2:] != y.shape: raise ValueError(f"{self.pairs[i][0].name}: image {tuple(x.shape[-2:])} and label {tuple(y.shape)} differ in size.")
         return x, y
 
+def _bad_label_message(ds: SegmentationDataset, i: int, bad: torch.Tensor) -> str:
+    "The error for label values a probe cannot train on: the file, the values as stored, the valid range and the fix."
+    vals = sorted(set((bad + int(ds.reduce_zero_label)).tolist()))
+    top = ds.num_classes + int(ds.reduce_zero_label) - 1
+    return (f"{ds.pairs[i][1]}: label values {vals[:8]}{' ...' if len(vals) > 8 else ''} lie outside {ds.name}'s classes "
+            f"(the PNG may hold {int(ds.reduce_zero_label)}-{top} and {ds.ignore_index} = void"
+            f"{', 0 = other' if ds.reduce_zero_label else ''}). Is it an index map of this dataset (not a colour rendering "
+            f"or another dataset's labels)? Fix or remove the file, or drop its id from the split.")
+
+def _read_ids(path: Path, what: str) -> list[str]:
+    if not path.exists(): raise FileNotFoundError(f"split file not found: {path} ({what}). See {DATA_README}.")
+    ids = [l.split()[0] for l in path.read_text().splitlines() if l.strip()]
+    if not ids: raise ValueError(f"split file {path} is empty.")
+    return ids
+
+# %% ../nbs/03d_datasets.ipynb #950cf534
 class VOCSegmentation(SegmentationDataset):
     "Pascal VOC 2012 semantic segmentation (21 classes, 255 = void): `ImageSets/Segmentation/<split>.txt`."
     num_classes, name = 21, "voc"
@@ -134,9 +147,9 @@ class ADE20KSegmentation(SegmentationDataset):
 # %% ../nbs/03d_datasets.ipynb #1fa0710f
 class NYUDepthV2(Dataset):
     "NYU-Depth v2 (Eigen split) from `nyu/nyu_{train,test}.txt`: (image, depth in metres, 0 = invalid)."
-    name, depth_scale, min_depth, max_depth = "nyu", 1000.0, 1e-3, 10.0
-    def __init__(self, root: str | Path | None = None, split: str = "test"):
-        self.root = find_dataset("nyu", root)
+    name, min_depth, max_depth = "nyu", 1e-3, 10.0
+    def __init__(self, root: str | Path | None = None, split: str = "test", depth_scale: float | None = None):
+        self.root, self.depth_scale = find_dataset("nyu", root), depth_scale
         if split not in ("train", "test"): raise ValueError(f"NYU split must be 'train' or 'test'; got {split!r}.")
         f = self.root / f"nyu_{split}.txt"
         if not f.exists(): raise FileNotFoundError(f"split file not found: {f}. Expected layout:\n{LAYOUTS['nyu']}\nSee {DATA_README}.")
@@ -145,11 +158,32 @@ class NYUDepthV2(Dataset):
         if not self.pairs: raise ValueError(f"{self.root / f'nyu_{split}.txt'} lists no image/depth pairs.")
     def __len__(self): return len(self.pairs)
     def depth(self, i: int) -> torch.Tensor:
-        "Ground-truth depth `(H, W)` float32 in metres of item `i`."
-        p = self.pairs[i][1]
-        if not p.exists(): raise FileNotFoundError(f"depth file not found: {p}")
-        with Image.open(p) as im: return torch.from_numpy(np.array(im).astype(np.float32) / self.depth_scale)
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]: return load_image(self.pairs[i][0]), self.depth(i)
+        "Ground-truth depth `(H, W)` float32 in metres of item `i` (see `read_depth`)."
+        return read_depth(self.pairs[i][1], self.depth_scale)
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, z = load_image(self.pairs[i][0]), self.depth(i)
+        if x.shape[-2:] != z.shape: raise ValueError(f"{self.pairs[i][0].name}: image {tuple(x.shape[-2:])} and depth {tuple(z.shape)} differ in size.")
+        return x, z
+
+# %% ../nbs/03d_datasets.ipynb #88a9614e
+NYU_DEPTH_SCALE = 1000.0                  # PNG units per metre in the toolbox's NYU files (uint16 millimetres)
+
+def read_depth(path: str | Path, depth_scale: float | None = None) -> torch.Tensor:
+    "A one-channel depth PNG as `(H, W)` float32 metres (0 = no measurement): 16-bit mm unless `depth_scale` says otherwise."
+    p = Path(path)
+    if not p.exists(): raise FileNotFoundError(f"depth file not found: {p}")
+    with Image.open(p) as im: mode, a = im.mode, np.array(im)
+    if a.ndim != 2: raise ValueError(f"{p}: a depth map has one channel; got mode {mode} of shape {a.shape} (a colour rendering of depth cannot be read back).")
+    if depth_scale is None:
+        if a.dtype == np.uint8:
+            raise ValueError(f"{p}: an 8-bit depth PNG (max {int(a.max())}); NYU's sync_depth PNGs are 16-bit millimetres, so at "
+                             f"{NYU_DEPTH_SCALE:g} units per metre it would load at most 0.255 m, ~40x too small for a 0-10 m room. "
+                             "Use the 16-bit files of data/README.md, or pass depth_scale=<PNG units per metre> "
+                             "(e.g. 25.5 for 0-10 m stored as 0-255) to read these as they are.")
+        if a.dtype.kind not in "iu": raise ValueError(f"{p}: depth PNG of dtype {a.dtype} (mode {mode}); pass depth_scale=<units per metre>.")
+        depth_scale = NYU_DEPTH_SCALE
+    if not depth_scale > 0: raise ValueError(f"depth_scale={depth_scale}: PNG units per metre must be > 0.")
+    return torch.from_numpy(a.astype(np.float32) / depth_scale)
 
 # %% ../nbs/03d_datasets.ipynb #6f2a4c84
 class DavisSequence:
@@ -220,6 +254,13 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     t, l = int(rng.integers(0, H - ch + 1)), int(rng.integers(0, W - cw + 1))
     return np.array(Image.fromarray(img[t:t + ch, l:l + cw]).resize((w, h), Image.BICUBIC))
 
+def _plain_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    "A near-plain (h, w, 3) uint8 backdrop: a light grey with a faint, blurred trace of a photo and sensor noise."
+    from scipy.ndimage import gaussian_filter
+    photo = gaussian_filter(_background(rng, h, w).astype(np.float32), (h / 25, w / 25, 0))
+    base = rng.uniform(190, 210) + rng.uniform(-6, 6, 3)
+    return np.clip(base + 0.2 * (photo - photo.mean((0, 1))) + rng.normal(0, 3, (h, w, 3)), 0, 255).astype(np.uint8)
+
 def _shape_mask(rng: np.random.Generator, h: int, w: int, cy=None, cx=None, ry=None, rx=None, kind=None) -> np.ndarray:
     "A boolean (h, w) ellipse or rectangle at a random (or given) place."
     cy = rng.uniform(0.25, 0.75) * h if cy is None else cy; cx = rng.uniform(0.2, 0.8) * w if cx is None else cx
@@ -229,14 +270,16 @@ def _shape_mask(rng: np.random.Generator, h: int, w: int, cy=None, cx=None, ry=N
     if kind == "ellipse": return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
     return (np.abs(yy - cy) <= ry) & (np.abs(xx - cx) <= rx)
 
-def _class_texture(cls: int, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    "A (h, w, 3) uint8 texture whose colour and stripe frequency are fixed by the class id."
+def _class_texture(cls: int, h: int, w: int, rng: np.random.Generator, base=None) -> np.ndarray:
+    "A (h, w, 3) uint8 texture whose colour (`base`, else drawn from the class id) and stripes are fixed by the class id."
     crng = np.random.default_rng(1000 + cls)
-    base, freq, ang = crng.uniform(30, 225, 3), crng.uniform(0.15, 0.6), crng.uniform(0, np.pi)
+    base, freq, ang = (crng.uniform(30, 225, 3), crng.uniform(0.15, 0.6), crng.uniform(0, np.pi)) if base is None else \
+                      (np.asarray(base, np.float64), crng.uniform(0.15, 0.6), crng.uniform(0, np.pi))
     yy, xx = np.mgrid[:h, :w]
     stripes = np.sin(freq * (np.cos(ang) * xx + np.sin(ang) * yy))[..., None] * 25
     return np.clip(base + stripes + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8)
 
+# %% ../nbs/03d_datasets.ipynb #ae9dfb69
 def _void_border(label: np.ndarray, width: int = 2) -> np.ndarray:
     "VOC-style: pixels within `width` of a class boundary set to 255."
     from scipy.ndimage import binary_dilation
@@ -258,48 +301,63 @@ def _voc_xml(path: Path, fname: str, h: int, w: int, objs: list[tuple[str, tuple
     path.write_text(f"<annotation><filename>{fname}</filename><size><width>{w}</width><height>{h}</height><depth>3</depth>"
                     f"</size>{obj}</annotation>")
 
+def _size_at(size, k: int) -> tuple[int, int]:
+    "Image `k`'s (H, W): `size` itself, or the `k`-th of a list of sizes (cycled)."
+    return tuple(size) if isinstance(size[0], int) else tuple(size[k % len(size)])
+
 # %% ../nbs/03d_datasets.ipynb #3140a286
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 
 FIXTURE_VOC_CLASSES = (7, 8, 12, 15)      # car, cat, dog, person: few classes, so that train and val share them
+FIXTURE_VOC_COLOURS = {7: (215, 45, 40), 8: (40, 185, 70), 12: (45, 70, 215), 15: (225, 195, 35)}   # saturated
+VOC_REAL_SIZES = ((375, 500), (500, 375), (333, 500), (375, 500), (500, 334), (281, 500))           # (H, W) as in VOC
 
-def make_fixture_voc(root: str | Path, n: int = 8, size: tuple[int, int] = (120, 160), seed: int = 0, year: int = 2012) -> Path:
-    "Write a tiny Pascal VOC (segmentation + boxes) with `n` images of `size` (H, W) under `root`; return the VOC folder."
+def make_fixture_voc(root: str | Path, n: int = 8, size=(240, 320), seed: int = 0, year: int = 2012) -> Path:
+    "Write a small Pascal VOC (segmentation + boxes) of `n` images of `size` (H, W), or a list of sizes cycled, under `root`."
     if n < 2: raise ValueError(f"n={n}: a fixture needs at least 2 images (train and val).")
-    rng = np.random.default_rng(seed); h, w = size
+    rng = np.random.default_rng(seed)
     voc = Path(root) / "VOCdevkit" / f"VOC{year}"
     ids = [f"{year}_{i:06d}" for i in range(n)]
-    for i in ids:
-        img = _background(rng, h, w); lab = np.zeros((h, w), np.int64); objs = []
-        for _ in range(int(rng.integers(1, 4))):
-            cls = int(rng.choice(FIXTURE_VOC_CLASSES)); m = _shape_mask(rng, h, w)
-            img[m] = _class_texture(cls, h, w, rng)[m]; lab[m] = cls
+    for k, i in enumerate(ids):
+        h, w = _size_at(size, k)
+        img, lab = _salient_scene(rng, h, w, FIXTURE_VOC_CLASSES[k % len(FIXTURE_VOC_CLASSES)])
+        objs = []
         for cls in np.unique(lab[lab > 0]):
             ys, xs = np.nonzero(lab == cls)
             objs.append((VOC_CLASSES[cls], (xs.min() + 1, ys.min() + 1, xs.max() + 1, ys.max() + 1)))
         _save_jpg(voc / "JPEGImages" / f"{i}.jpg", img)
         write_label(voc / "SegmentationClass" / f"{i}.png", _void_border(lab))
         _voc_xml(voc / "Annotations" / f"{i}.xml", f"{i}.jpg", h, w, objs)
-    half = max(1, n // 2)
-    _write_lines(voc / "ImageSets" / "Segmentation" / "train.txt", ids[:half])
-    _write_lines(voc / "ImageSets" / "Segmentation" / "val.txt", ids[half:])
-    _write_lines(voc / "ImageSets" / "Segmentation" / "trainval.txt", ids)
+    seg = voc / "ImageSets" / "Segmentation"; half = max(1, n // 2)
+    _write_lines(seg / "train.txt", ids[:half]); _write_lines(seg / "val.txt", ids[half:]); _write_lines(seg / "trainval.txt", ids)
     _write_lines(voc / "ImageSets" / "Main" / "trainval.txt", ids)
     return voc
+
+def _salient_scene(rng: np.random.Generator, h: int, w: int, main: int) -> tuple[np.ndarray, np.ndarray]:
+    "A plain backdrop, one large object of class `main` and, in about a third of the images, a small one of another class."
+    img, lab = _plain_background(rng, h, w), np.zeros((h, w), np.int64)
+    shapes = [(main, rng.uniform(0.15, 0.27) * h, rng.uniform(0.12, 0.24) * w)]
+    if rng.random() < 1 / 3:
+        shapes.append((int(rng.choice([c for c in FIXTURE_VOC_CLASSES if c != main])), rng.uniform(0.07, 0.1) * h, rng.uniform(0.06, 0.09) * w))
+    for cls, ry, rx in shapes:
+        m = _shape_mask(rng, h, w, ry=ry, rx=rx)
+        img[m] = np.clip(np.asarray(FIXTURE_VOC_COLOURS[cls]) + rng.normal(0, 5, (int(m.sum()), 3)), 0, 255); lab[m] = cls
+    return img, lab
 
 # %% ../nbs/03d_datasets.ipynb #461a948f
 FIXTURE_ADE_STUFF = (1, 3, 4, 7)          # wall, sky | floor, road (ADE150 ids in the PNGs, 1-based)
 FIXTURE_ADE_THINGS = (13, 20, 21)         # person, chair, car
+ADE_REAL_SIZES = ((512, 683), (512, 512), (683, 512), (384, 512))   # (H, W): short side 512 as most of ADEChallengeData2016
 
-def make_fixture_ade(root: str | Path, n: int = 8, size: tuple[int, int] = (120, 160), seed: int = 0) -> Path:
-    "Write a tiny ADEChallengeData2016 with `n` images (half training, half validation) under `root`."
+def make_fixture_ade(root: str | Path, n: int = 8, size=(120, 160), seed: int = 0) -> Path:
+    "Write a small ADEChallengeData2016 of `n` images (half training, half validation) of `size` (or a list cycled) under `root`."
     if n < 2: raise ValueError(f"n={n}: a fixture needs at least 2 images (training and validation).")
-    rng = np.random.default_rng(seed); h, w = size
+    rng = np.random.default_rng(seed)
     ade = Path(root) / "ADEChallengeData2016"
     for k in range(n):
         split, tag = ("training", "train") if k < max(1, n // 2) else ("validation", "val")
-        img = _background(rng, h, w); lab = np.zeros((h, w), np.int64)
+        h, w = _size_at(size, k); img = _background(rng, h, w); lab = np.zeros((h, w), np.int64)
         cut = int(rng.integers(h // 3, 2 * h // 3))
         top, bottom = int(rng.choice(FIXTURE_ADE_STUFF[:2])), int(rng.choice(FIXTURE_ADE_STUFF[2:]))
         lab[:cut] = top; lab[cut:] = bottom
@@ -316,10 +374,11 @@ def make_fixture_ade(root: str | Path, n: int = 8, size: tuple[int, int] = (120,
 
 # %% ../nbs/03d_datasets.ipynb #6c9807b2
 def make_fixture_nyu(root: str | Path, n: int = 4, seed: int = 0, size: tuple[int, int] = (480, 640)) -> Path:
-    "Write a tiny NYU-Depth v2 (toolbox layout, depth PNGs in mm) with `n` pairs (half train, half test) under `root`."
+    "Write a small NYU-Depth v2 (toolbox layout, 16-bit depth PNGs in mm) of `n` pairs (half train, half test) under `root`."
     if n < 2: raise ValueError(f"n={n}: a fixture needs at least 2 pairs (train and test).")
     rng = np.random.default_rng(seed); h, w = size
     nyu = Path(root) / "nyu"; lines = {"train": [], "test": []}
+    bh, bw = max(1, round(8 * h / 480)), max(1, round(8 * w / 640))     # the undistortion border, inside Eigen's crop margins
     for k in range(n):
         split = "train" if k < max(1, n // 2) else "test"
         scene = f"{('kitchen', 'bedroom', 'office', 'bathroom')[k % 4]}_{k:04d}a"
@@ -329,6 +388,8 @@ def make_fixture_nyu(root: str | Path, n: int = 4, seed: int = 0, size: tuple[in
             m = _shape_mask(rng, h, w); depth[m] = np.minimum(depth[m], rng.uniform(0.8, 3.0))
         depth[rng.random((h, w)) < 0.01] = 0                                # missing measurements
         img = _background(rng, h, w).astype(np.float64) * np.clip(1.15 - depth / 10, 0.2, 1)[..., None]
+        border = np.ones((h, w), bool); border[bh:h - bh, bw:w - bw] = False
+        img[border], depth[border] = 255, 0                                 # white frame, no depth
         rgb, dep = f"/{scene}/rgb_{k:05d}.jpg", f"/{scene}/sync_depth_{k:05d}.png"
         _save_jpg(nyu / rgb[1:], img.clip(0, 255).astype(np.uint8))
         Image.fromarray(np.round(depth * 1000).astype(np.uint16)).save(nyu / dep[1:])
@@ -337,22 +398,27 @@ def make_fixture_nyu(root: str | Path, n: int = 4, seed: int = 0, size: tuple[in
     return nyu
 
 # %% ../nbs/03d_datasets.ipynb #b1c7f597
-def make_fixture_davis(root: str | Path, n_seqs: int = 2, n_frames: int = 6, size: tuple[int, int] = (96, 176),
-                       seed: int = 0) -> Path:
-    "Write a tiny DAVIS-2017 (480p folders) with `n_seqs` sequences of `n_frames` frames of `size` (H, W) under `root`."
+def make_fixture_davis(root: str | Path,                     # the data root to write `DAVIS/` under
+                       n_seqs: int = 2,                      # sequences (all in val, the first also in train)
+                       n_frames: int = 6,                    # frames per sequence (>= 3)
+                       size: tuple[int, int] = (96, 176),    # frame (H, W); DAVIS 480p is (480, 854)
+                       seed: int = 0,                        # everything drawn is seeded from it
+                       objects: tuple[int, int] = (1, 2)     # the range of objects per sequence (ids 1..K)
+                      ) -> Path:
+    "Write a small DAVIS-2017 (480p folders) of `n_seqs` sequences of `n_frames` frames of `size` (H, W) under `root`."
     if n_frames < 3: raise ValueError(f"n_frames={n_frames}: DAVIS scores skip the first and last frame; use at least 3.")
-    rng = np.random.default_rng(seed); h, w = size
+    rng = np.random.default_rng(seed); h, w = size; pan = max(1, round(w / 44))        # backdrop shift per frame (px)
     davis = Path(root) / "DAVIS"; names = []
     for s in range(n_seqs):
         name = f"fixture-{s:02d}"; names.append(name)
-        bg = _background(rng, h, w + 4 * n_frames)
+        bg = _background(rng, h, w + pan * n_frames)
         objs = []
-        for k in range(int(rng.integers(1, 3))):
+        for k in range(int(rng.integers(objects[0], objects[1] + 1))):
             y0, x0 = rng.uniform(0.3, 0.7) * h, rng.uniform(0.2, 0.4) * w
             v = rng.uniform(-0.03, 0.03) * h, rng.uniform(0.02, 0.06) * w
             objs.append((k + 1, y0, x0, v, rng.uniform(0.15, 0.25) * h, rng.uniform(0.08, 0.14) * w))
         for t in range(n_frames):
-            img = bg[:, 4 * t:4 * t + w].copy(); lab = np.zeros((h, w), np.int64)
+            img = bg[:, pan * t:pan * t + w].copy(); lab = np.zeros((h, w), np.int64)
             for oid, y0, x0, v, ry, rx in objs:
                 m = _shape_mask(rng, h, w, y0 + v[0] * t, x0 + v[1] * t, ry, rx, kind="ellipse")
                 img[m] = _class_texture(7 * oid + s, h, w, rng)[m]; lab[m] = oid
@@ -363,9 +429,25 @@ def make_fixture_davis(root: str | Path, n_seqs: int = 2, n_frames: int = 6, siz
     return davis
 
 # %% ../nbs/03d_datasets.ipynb #68783c23
-def make_fixtures(root: str | Path, seed: int = 0) -> Path:
-    "Write the VOC, ADE20K, NYU and DAVIS fixtures under `root` (the smoke profile's data root); return `root`."
+def make_fixtures(root: str | Path,            # the data root to write the four dataset folders under
+                  seed: int = 0,                # everything drawn is seeded from it
+                  real_size: bool = False,      # the real datasets' image sizes (else small CPU sizes)
+                  n: int | None = None,         # images per dataset (None: each fixture's default)
+                  n_frames: int | None = None   # frames per DAVIS sequence (None: 6)
+                 ) -> Path:
+    "Write the VOC, ADE20K, NYU and DAVIS fixtures under `root`; `real_size`: at the datasets' own image sizes."
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
-    make_fixture_voc(root, seed=seed); make_fixture_ade(root, seed=seed); make_fixture_nyu(root, seed=seed)
-    make_fixture_davis(root, seed=seed)
+    k = {} if n is None else {"n": n}
+    make_fixture_voc(root, size=VOC_REAL_SIZES if real_size else (240, 320), seed=seed, **k)
+    make_fixture_ade(root, size=ADE_REAL_SIZES if real_size else (120, 160), seed=seed, **k)
+    make_fixture_nyu(root, seed=seed, **k)
+    make_fixture_davis(root, n_frames=n_frames or 6, size=(480, 854) if real_size else (96, 176), seed=seed,
+                       objects=(2, 3) if real_size else (1, 2))
     return root
+
+def make_rehearsal_data(root: str | Path,      # the data root to write under
+                        n: int = 8,             # images per dataset (VOC, ADE20K, NYU pairs)
+                        n_frames: int = 6,      # frames per DAVIS sequence
+                        seed: int = 0) -> Path:
+    "The four datasets in their real layouts, image sizes and file formats, with only the counts cut (`n` images each)."
+    return make_fixtures(root, seed=seed, real_size=True, n=n, n_frames=n_frames)

@@ -4,48 +4,132 @@
 
 # %% ../nbs/02b_fields.ipynb #f082355d
 from __future__ import annotations
-import math
+import itertools, math
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['level_resolutions', 'MultiResGrid', 'SemanticField', 'ArtifactField', 'ResidualPredictor', 'NoiseModel',
-           'NoiseModelStack']
+__all__ = ['level_resolutions', 'tcnn_levels', 'GridLayout', 'grid_features', 'MultiResGrid', 'SemanticField', 'grid_sample_taps',
+           'ArtifactField', 'ResidualPredictor', 'NoiseModel', 'NoiseModelStack']
 
 # %% ../nbs/02b_fields.ipynb #c89d1af8
 def level_resolutions(n_levels: int, base_res: int, max_res: int) -> list[int]:
-    "Vertices per side of each level of a multi-resolution grid: geometric from `base_res` to `max_res` (tcnn rule)."
+    "Vertices per side of each level of the dense grid: geometric from `base_res` to `max_res` (float64 arithmetic)."
     if n_levels < 1 or base_res < 2 or max_res < base_res:
         raise ValueError(f"grid needs n_levels >= 1 and 2 <= base_res <= max_res; got {n_levels}, {base_res}, {max_res}.")
     if n_levels == 1: return [max_res]
     b = math.exp((math.log(max_res) - math.log(base_res)) / (n_levels - 1))
     return [math.ceil(base_res * b**l - 1 - 1e-6) + 1 for l in range(n_levels)]
 
-class MultiResGrid(nn.Module):
-    "Dense multi-resolution 2-D feature grid: coordinates `(N, 2)` (x, y) in [0, 1] -> features `(N, n_levels * n_features)`."
-    def __init__(self, n_levels: int = 16, n_features: int = 8, base_res: int = 16, max_res: int = 1024, init_scale: float = 1e-4):
+def tcnn_levels(n_levels: int,                     # number of levels
+                base_res: int, max_res: int,        # tcnn's base_resolution, and the top one that sets per_level_scale
+                log2_hashmap_size: int = 20) -> list[tuple[float, int, int]]:   # at most 2^this rows per level
+    "`(scale, vertices per side, table rows)` of each level of tiny-cuda-nn's 2-D grid, in its float32 arithmetic."
+    level_resolutions(n_levels, base_res, max_res)                                    # same argument checks
+    s = np.float32(np.exp((np.log(max_res) - np.log(base_res)) / max(n_levels - 1, 1)))   # per_level_scale, a C float
+    l2 = np.log2(s) if n_levels > 1 else np.float32(0)
+    out = []
+    for l in range(n_levels):
+        scale = np.exp2(np.float32(l) * l2) * np.float32(base_res) - np.float32(1)     # float32 throughout
+        r = int(np.ceil(scale)) + 1
+        out.append((float(scale), r, min(-(-r * r // 8) * 8, 2**log2_hashmap_size)))
+    return out
+
+# %% ../nbs/02b_fields.ipynb #1a088ac4
+class GridLayout(nn.Module):
+    "Where each level of a multi-resolution grid lives in its flat table, and which 4 rows a coordinate reads (no parameters)."
+    def __init__(self, n_levels: int,                 # number of levels
+                 base_res: int, max_res: int,         # vertices per side of the coarsest and the finest level
+                 kind: str = "dense",                 # "dense" or "tcnn" (tiny-cuda-nn's resolutions, lookup and hash)
+                 log2_hashmap_size: int = 20):        # tcnn: at most 2^this rows per level
         super().__init__()
-        self.resolutions = level_resolutions(n_levels, base_res, max_res)
-        self.n_features, self.out_dim = n_features, n_levels * n_features
-        self.levels = nn.ParameterList([nn.Parameter(torch.empty(1, n_features, r, r).uniform_(-init_scale, init_scale))
-                                        for r in self.resolutions])
+        if kind == "dense":
+            res = level_resolutions(n_levels, base_res, max_res); scale, rows = [r - 1 for r in res], [r * r for r in res]
+        elif kind == "tcnn": scale, res, rows = map(list, zip(*tcnn_levels(n_levels, base_res, max_res, log2_hashmap_size)))
+        else: raise ValueError(f"grid kind={kind!r}; use 'dense' (the default) or 'tcnn' (tiny-cuda-nn's, the paper's).")
+        self.kind, self.resolutions, self.rows, self.shift = kind, res, rows, 0.5 if kind == "tcnn" else 0.0
+        self.offsets = [0, *itertools.accumulate(rows)][:-1]
+        cap = [r - 2 if kind == "dense" else 2**40 for r in res]                       # dense: the last cell holds u = R-1
+        L = lambda v, dt=torch.int64: torch.tensor(v, dtype=dt)[:, None]             # (L, 1) per level
+        for k, v in dict(scale=L(scale, torch.float64), scale32=L(scale, torch.float32), shift64=torch.tensor(self.shift, dtype=torch.float64), cap=L(cap, torch.float32), res=L(res), n_rows=L(rows),
+                         offset=L(self.offsets), hashed=L([r * r > n for r, n in zip(res, rows)], torch.bool),
+                         corner=torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]]),
+                         corner_b=torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]]).bool()).items():
+            self.register_buffer(k, v, persistent=False)
+
+    @property
+    def size(self) -> int: return sum(self.rows)
+
+    def extra_repr(self): return f"kind={self.kind!r}, resolutions={self.resolutions}"
+
+# %% ../nbs/02b_fields.ipynb #de1d0c68
+@patch
+def corners(lay: GridLayout, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "Table rows `(..., L, 4)` and bilinear weights `(..., L, 4)` of the 4 vertices around coordinates `(..., 2)` in [0, 1]."
+    if lay.kind == "tcnn": u = torch.addcmul(lay.shift64, coords.double().unsqueeze(-2), lay.scale).float()   # x*S + 0.5, rounded once (fma)
+    else: u = coords.unsqueeze(-2) * lay.scale32                                           # (..., L, 2) in vertex units
+    i0 = u.floor().minimum(lay.cap); f = (u - i0).unsqueeze(-2)                            # (..., L, 1, 2) fraction in the cell
+    c = i0.long().unsqueeze(-2) + lay.corner                                               # (..., L, 4, 2) corner vertices (i, j)
+    x, y = c.unbind(-1)
+    rows = x + y * lay.res
+    if lay.kind == "tcnn":                                                                 # tcnn's coherent prime hash, 32 bit
+        rows = torch.where(lay.hashed, ((y * 2654435761) & 0xFFFFFFFF) ^ x, rows) % lay.n_rows
+    w = torch.where(lay.corner_b, f, 1 - f)                                                # (..., L, 4, 2): 1 - f or f per axis
+    return rows + lay.offset, w.prod(-1)
+
+
+# %% ../nbs/02b_fields.ipynb #84527560
+def grid_features(table: torch.Tensor,              # (K, P, F) stacked flat tables
+                  rows: torch.Tensor,               # (K, N, L, 4) rows of each image's table (from `GridLayout.corners`)
+                  weights: torch.Tensor,            # (K, N, L, 4) bilinear weights
+                  k0: torch.Tensor | None = None) -> torch.Tensor:   # (K, 1, 1, 1) first row of image k in the (K*P, F) table
+    "Bilinear features `(K, N, L*F)` from stacked flat tables `(K, P, F)`, rows `(K, N, L, 4)` and weights `(K, N, L, 4)`."
+    K, P, nf = table.shape
+    if K > 1: rows = rows + (torch.arange(K, device=rows.device).view(K, 1, 1, 1) * P if k0 is None else k0)   # image k's rows
+    v = table.reshape(K * P, nf).index_select(0, rows.view(-1)).view(*rows.shape, nf)     # (K, N, L, 4, F): one gather
+    return (v * weights.unsqueeze(-1)).sum(-2).flatten(2)                                 # (K, N, L, F) -> (K, N, L*F)
+
+class MultiResGrid(nn.Module):
+    "Multi-resolution 2-D feature grid in one flat table `(P, F)`: coordinates `(N, 2)` (x, y) in [0, 1] -> `(N, L*F)`."
+    def __init__(self, n_levels: int = 16,           # number of levels
+                 n_features: int = 8,                 # features per vertex
+                 base_res: int = 16,                  # vertices per side of the coarsest level ...
+                 max_res: int = 1024,                 # ... and of the finest
+                 init_scale: float = 1e-4,            # vertices start at U(+-init_scale)
+                 kind: str = "dense",                 # "dense" or "tcnn" (see `GridLayout`)
+                 log2_hashmap_size: int = 20):        # tcnn: at most 2^this rows per level
+        super().__init__()
+        self.layout = GridLayout(n_levels, base_res, max_res, kind, log2_hashmap_size)
+        self.resolutions, self.n_features, self.out_dim = self.layout.resolutions, n_features, n_levels * n_features
+        if kind == "dense":                                   # level by level, (1, F, R, R) as a grid_sample tensor, rows j*R + i
+            t = torch.cat([torch.empty(1, n_features, r, r).uniform_(-init_scale, init_scale)[0].permute(1, 2, 0).reshape(r * r, -1)
+                           for r in self.resolutions])
+        else: t = torch.empty(self.layout.size, n_features).uniform_(-init_scale, init_scale)
+        self.table = nn.Parameter(t)                                                           # (P, F)
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
-        g = (coords.to(self.levels[0].dtype) * 2 - 1).view(1, -1, 1, 2)                       # (1, N, 1, 2) in [-1, 1]
-        out = [F.grid_sample(lv, g, mode="bilinear", padding_mode="border", align_corners=True)[0, :, :, 0]
-               for lv in self.levels]                                                           # L x (F, N)
-        return torch.cat(out).T                                                                 # (N, L*F)
+        rows, w = self.layout.corners(coords[None])                                            # (1, N, L, 4)
+        return grid_features(self.table[None], rows, w)[0]
 
-    def extra_repr(self): return f"resolutions={self.resolutions}, n_features={self.n_features}"
+    def level(self, l: int) -> torch.Tensor:
+        "The vertices `(R, R, F)` (rows j, columns i) of dense level `l` (a view of the table)."
+        lay = self.layout
+        if lay.kind != "dense": raise ValueError("level() is for dense grids; a tcnn level may be hashed.")
+        return self.table[lay.offsets[l]: lay.offsets[l] + lay.rows[l]].view(self.resolutions[l], self.resolutions[l], -1)
 
 # %% ../nbs/02b_fields.ipynb #29c71ee3
 class SemanticField(nn.Module):
     "F: image coordinates `(N, 2)` in [0, 1] -> features `(N, C)`; a `MultiResGrid` + MLP `L*F -> C/2 -> C`."
-    def __init__(self, dim: int, n_levels: int = 16, n_features: int = 8, base_res: int = 16, max_res: int = 1024,
-                 init_scale: float = 1e-4, hidden: int | None = None):
+    def __init__(self, dim: int,                     # output width C
+                 n_levels: int = 16, n_features: int = 8, base_res: int = 16, max_res: int = 1024,   # the grid (see `MultiResGrid`)
+                 init_scale: float = 1e-4,            # grid init U(+-init_scale)
+                 hidden: int | None = None,           # MLP hidden width (None: C / 2)
+                 kind: str = "dense"):                # grid layout: "dense" or "tcnn"
         super().__init__()
-        self.grid = MultiResGrid(n_levels, n_features, base_res, max_res, init_scale)
+        self.grid = MultiResGrid(n_levels, n_features, base_res, max_res, init_scale, kind)
         hidden = hidden or max(dim // 2, 1)
         self.mlp = nn.Sequential(nn.Linear(self.grid.out_dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
 
@@ -53,14 +137,34 @@ class SemanticField(nn.Module):
         return self.mlp(self.grid(coords.reshape(-1, 2))).reshape(*coords.shape[:-1], -1)
 
 # %% ../nbs/02b_fields.ipynb #1158cbb8
+def grid_sample_taps(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "Rows `(h*w, 4)` of an `(h, w)` table and weights `(h*w, 4)` that `grid_sample` reads at `linspace(-1, 1)` nodes."
+    def axis(n):                                                        # per node: (low, high) index and weight, float32
+        u = (torch.linspace(-1, 1, n) + 1) / 2 * (n - 1)                # the source index, as CUDA's grid_sample computes it
+        lo = u.floor(); hi = lo + 1
+        wt = torch.stack([hi - u, u - lo], -1) * torch.stack([lo <= n - 1, hi <= n - 1], -1)   # zero padding
+        return torch.stack([lo, hi], -1).long().clamp(max=n - 1), wt
+    (yi, yw), (xi, xw) = axis(h), axis(w)
+    rows = yi[:, None, :, None] * w + xi[None, :, None, :]               # (h, w, 2 (y), 2 (x))
+    wts = yw[:, None, :, None] * xw[None, :, None, :]
+    return rows.reshape(h * w, 4), wts.reshape(h * w, 4)
+
 class ArtifactField(nn.Module):
     "G: a learnable `(h, w, C)` table over view-grid positions; flat positions `(N,)` -> `(N, C)`."
-    def __init__(self, h: int, w: int, dim: int, init_std: float = 0.02):
+    def __init__(self, h: int, w: int,               # the view's token grid
+                 dim: int,                            # token width C
+                 init_std: float = 0.02,              # init N(0, init_std^2)
+                 read: str = "index"):                # "index" (exact) or "grid_sample" (the official read)
         super().__init__()
-        self.table = nn.Parameter(torch.randn(h, w, dim) * init_std)
+        if read not in ("index", "grid_sample"): raise ValueError(f"read={read!r}; use 'index' or 'grid_sample' (the official read).")
+        self.read, self.table = read, nn.Parameter(torch.randn(h, w, dim) * init_std)
+        rows, wts = grid_sample_taps(h, w) if read == "grid_sample" else (torch.arange(h * w)[:, None], torch.ones(h * w, 1))
+        self.register_buffer("tap_rows", rows, persistent=False); self.register_buffer("tap_w", wts, persistent=False)
 
     def forward(self, pos: torch.Tensor) -> torch.Tensor:
-        return self.table.view(-1, self.table.shape[-1]).index_select(0, pos)   # deterministic backward on CPU (indexing is not)
+        t = self.table.view(-1, self.table.shape[-1])
+        if self.read == "index": return t.index_select(0, pos)          # deterministic backward on CPU (indexing is not)
+        return (t.index_select(0, self.tap_rows[pos].view(-1)).view(*pos.shape, 4, -1) * self.tap_w[pos].unsqueeze(-1)).sum(-2)
 
 # %% ../nbs/02b_fields.ipynb #3d679e8c
 class ResidualPredictor(nn.Module):
@@ -75,11 +179,19 @@ class ResidualPredictor(nn.Module):
 # %% ../nbs/02b_fields.ipynb #54b55c66
 class NoiseModel(nn.Module):
     "DVT's per-image noise model `y = F(coord) + G(pos) + h(y)` for a token grid `(h, w)` of width `dim`."
-    def __init__(self, dim: int, grid: tuple[int, int], n_levels: int = 16, n_features: int = 8, base_res: int = 16,
-                 max_res: int = 1024, field_init: float = 1e-4, artifact_init: float = 0.02):
+    def __init__(self, dim: int,                    # token width C
+                 grid: tuple[int, int],             # the view's token grid (h, w), G's shape
+                 n_levels: int = 16,                # F's grid: levels ...
+                 n_features: int = 8,               # ... features per level ...
+                 base_res: int = 16,                # ... coarsest and ...
+                 max_res: int = 1024,               # ... finest vertices per side
+                 field_init: float = 1e-4,          # F's grid init U(+-field_init)
+                 artifact_init: float = 0.02,       # G's init N(0, artifact_init^2)
+                 grid_kind: str = "dense",          # F's grid layout: "dense" or "tcnn" (tiny-cuda-nn's, hashed finest level)
+                 g_read: str = "index"):            # G's read: "index" (exact) or "grid_sample" (the official read)
         super().__init__()
-        self.F = SemanticField(dim, n_levels, n_features, base_res, max_res, field_init)
-        self.G = ArtifactField(*grid, dim, artifact_init)
+        self.F = SemanticField(dim, n_levels, n_features, base_res, max_res, field_init, kind=grid_kind)
+        self.G = ArtifactField(*grid, dim, artifact_init, read=g_read)
         self.h = ResidualPredictor(dim)
 
     def forward(self, coords: torch.Tensor, pos: torch.Tensor, raw: torch.Tensor):
@@ -109,48 +221,57 @@ class NoiseModelStack(nn.Module):
     def __init__(self, models: list[NoiseModel]):
         super().__init__()
         if not models: raise ValueError("NoiseModelStack needs at least one NoiseModel.")
-        shapes = {tuple((n, tuple(p.shape)) for n, p in m.named_parameters()) for m in models}
+        shapes = {(m.F.grid.layout.kind, m.G.read, *((n, tuple(p.shape)) for n, p in m.named_parameters())) for m in models}
         if len(shapes) != 1:
             raise ValueError(f"NoiseModelStack needs models of one shape (same dim, grid and field sizes); got {len(shapes)} "
                              "different shapes. Fit images of one size and one preset together.")
         self.members = list(models)                                     # a plain list: not registered as submodules
-        self.resolutions = models[0].F.grid.resolutions
-        self.levels = nn.ParameterList([nn.Parameter(torch.cat([m.F.grid.levels[l].detach() for m in models]))   # (K, F, r, r)
-                                        for l in range(len(self.resolutions))])
+        m0 = models[0]
+        self.layout, self.resolutions, self.g_read = m0.F.grid.layout, m0.F.grid.resolutions, m0.G.read
+        self.grid_table = nn.Parameter(torch.stack([m.F.grid.table.detach() for m in models]))                          # (K, P, F)
         self.f_w, self.f_b = _stacked_mlp([m.F.mlp for m in models])
         self.table = nn.Parameter(torch.stack([m.G.table.detach().reshape(-1, m.G.table.shape[-1]) for m in models]))  # (K, hw, C)
         K, hw = self.table.shape[:2]
         self.register_buffer("row0", torch.arange(K, device=self.table.device)[:, None] * hw, persistent=False)  # (K, 1) first row of each image
+        self.register_buffer("k0", torch.arange(K, device=self.table.device).view(K, 1, 1, 1) * self.grid_table.shape[1], persistent=False)
+        self.register_buffer("tap_rows", m0.G.tap_rows.clone(), persistent=False); self.register_buffer("tap_w", m0.G.tap_w.clone(), persistent=False)
         self.h_w, self.h_b = _stacked_mlp([m.h.mlp for m in models])
 
     def __len__(self) -> int: return len(self.members)
 
-    def F(self, coords: torch.Tensor) -> torch.Tensor:
-        "Semantic field of each image: coordinates `(K, N, 2)` in [0, 1] -> `(K, N, C)`."
-        g = (coords.to(self.levels[0].dtype) * 2 - 1)[:, :, None]                         # (K, N, 1, 2) in [-1, 1]
-        feats = torch.cat([F.grid_sample(lv, g, mode="bilinear", padding_mode="border", align_corners=True)[..., 0]
-                           for lv in self.levels], 1)                                   # (K, L*F, N)
-        return _apply_mlp(feats.transpose(1, 2), self.f_w, self.f_b)
+# %% ../nbs/02b_fields.ipynb #f520caab
+@patch
+def F(self: NoiseModelStack, coords: torch.Tensor) -> torch.Tensor:
+    "Semantic field of each image: coordinates `(K, N, 2)` in [0, 1] -> `(K, N, C)`."
+    rows, w = self.layout.corners(coords)                                                 # (K, N, L, 4) each
+    return _apply_mlp(grid_features(self.grid_table, rows, w, self.k0), self.f_w, self.f_b)
 
-    def G(self, pos: torch.Tensor) -> torch.Tensor:
-        "Artifact of each image: flat view-grid positions `(K, N)` -> `(K, N, C)`."
-        K, hw, C = self.table.shape
-        return self.table.view(-1, C).index_select(0, (pos + self.row0).reshape(-1)).view(K, -1, C)   # rows of the (K·hw, C) table
+@patch
+def G(self: NoiseModelStack, pos: torch.Tensor) -> torch.Tensor:
+    "Artifact of each image: flat view-grid positions `(K, N)` -> `(K, N, C)`."
+    K, hw, C = self.table.shape
+    t = self.table.view(-1, C)
+    if self.g_read == "index": return t.index_select(0, (pos + self.row0).reshape(-1)).view(K, -1, C)   # rows of the (K·hw, C) table
+    rows = (self.tap_rows[pos] + self.row0[..., None]).view(-1)                           # (K·N·4,) the 4 taps of grid_sample
+    return (t.index_select(0, rows).view(K, -1, 4, C) * self.tap_w[pos].unsqueeze(-1)).sum(-2)
 
-    def h(self, y: torch.Tensor) -> torch.Tensor:
-        "Residual of each image: raw tokens `(K, N, C)` -> `(K, N, C)`."
-        return _apply_mlp(y, self.h_w, self.h_b)
+@patch
+def h(self: NoiseModelStack, y: torch.Tensor) -> torch.Tensor:
+    "Residual of each image: raw tokens `(K, N, C)` -> `(K, N, C)`."
+    return _apply_mlp(y, self.h_w, self.h_b)
 
-    def forward(self, coords: torch.Tensor, pos: torch.Tensor, raw: torch.Tensor):
-        "`(f, g, r)` each `(K, N, C)`, as `NoiseModel.forward` for each of the `K` images."
-        return self.F(coords), self.G(pos), self.h(raw)
+@patch
+def forward(self: NoiseModelStack, coords: torch.Tensor, pos: torch.Tensor, raw: torch.Tensor):
+    "`(f, g, r)` each `(K, N, C)`, as `NoiseModel.forward` for each of the `K` images."
+    return self.F(coords), self.G(pos), self.h(raw)
 
-    @torch.no_grad()
-    def unstack(self) -> list[NoiseModel]:
-        "Copy the stacked parameters back into the `K` member `NoiseModel`s and return them."
-        for k, m in enumerate(self.members):
-            for lv, st in zip(m.F.grid.levels, self.levels): lv.copy_(st[k:k + 1])
-            for mlp, ws, bs in ((m.F.mlp, self.f_w, self.f_b), (m.h.mlp, self.h_w, self.h_b)):
-                for lin, w, b in zip(_linears(mlp), ws, bs): lin.weight.copy_(w[k].T); lin.bias.copy_(b[k, 0])
-            m.G.table.copy_(self.table[k].view_as(m.G.table))
-        return self.members
+@patch
+@torch.no_grad()
+def unstack(self: NoiseModelStack) -> list[NoiseModel]:
+    "Copy the stacked parameters back into the `K` member `NoiseModel`s and return them."
+    for k, m in enumerate(self.members):
+        m.F.grid.table.copy_(self.grid_table[k])
+        for mlp, ws, bs in ((m.F.mlp, self.f_w, self.f_b), (m.h.mlp, self.h_w, self.h_b)):
+            for lin, w, b in zip(_linears(mlp), ws, bs): lin.weight.copy_(w[k].T); lin.bias.copy_(b[k, 0])
+        m.G.table.copy_(self.table[k].view_as(m.G.table))
+    return self.members

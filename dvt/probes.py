@@ -4,44 +4,40 @@
 
 # %% ../nbs/03e_probes.ipynb #3fea1ff5
 from __future__ import annotations
-import math, time
-from dataclasses import dataclass, field, replace, asdict
+import hashlib, json, math, os, time
+from dataclasses import dataclass, fields, replace, asdict
 from pathlib import Path
 from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, RandomSampler
-from .core import seed_everything, pick_device
-from .backbones import dvt_input_size
+from torch.utils.data import DataLoader, Dataset
+from .core import pick_device
+from .config import make_config, lr_schedule
+from .runs import atomic_write, clean_temporaries, module_fingerprint, read_json, write_json
+from .contract import check_backbone, grid_shape, fit_size, valid_size, dvt_input_size
 from .datasets import load_dataset, SegmentationDataset, NYUDepthV2
 from .metrics import confusion_matrix, seg_scores, depth_metrics, mean_metrics
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'Extractor', 'grid_spec', 'valid_size', 'fit_size', 'pad_to_grid', 'extract', 'LinearSegHead',
-           'DepthHead', 'SegProbeConfig', 'DepthProbeConfig', 'lr_factor', 'SegTrainSet', 'seg_logits',
-           'train_seg_probe', 'eval_seg_probe', 'run_seg_probe', 'DepthTrainSet', 'sig_loss', 'predict_depth',
-           'train_depth_probe', 'eval_depth_probe', 'run_depth_probe']
+__all__ = ['IMAGENET_MEAN', 'Extractor', 'SEG_PROBE_PRESETS', 'DEPTH_PROBE_PRESETS', 'grid_spec', 'pad_to_grid', 'extract',
+           'prepare_extractor', 'progress', 'LinearSegHead', 'DepthHead', 'SegProbeConfig', 'DepthProbeConfig',
+           'seg_probe_config', 'depth_probe_config', 'SegTrainSet', 'seg_logits', 'backbone_fingerprint',
+           'dataset_fingerprint', 'probe_fingerprint', 'save_probe_state', 'load_probe_state', 'save_probe_result',
+           'load_probe_result', 'iteration_generator', 'IterationBatches', 'fit_probe', 'probe_memory_estimate',
+           'check_probe_memory', 'train_seg_probe', 'eval_seg_probe', 'run_seg_probe', 'DepthTrainSet', 'sig_loss',
+           'predict_depth', 'train_depth_probe', 'eval_depth_probe', 'run_depth_probe']
 
 # %% ../nbs/03e_probes.ipynb #4e5e70f5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 Extractor = Callable[[torch.Tensor], torch.Tensor]
 
-def grid_spec(extractor, patch_size: int | None = None, stride: int | None = None) -> tuple[int, int]:
-    "`(patch_size, stride)` of an extractor: from the arguments, else its attributes; a `ValueError` if neither says."
-    p = patch_size or getattr(extractor, "patch_size", None)
-    if p is None: raise ValueError("the extractor has no patch_size attribute; pass patch_size= (and stride= if it differs).")
-    s = stride or getattr(extractor, "stride", None) or p
-    return int(p), int(s)
-
-def valid_size(n: int, p: int, s: int) -> int:
-    "The smallest size `>= n` of the form `p + k*s` (a size the extractor accepts)."
-    return p if n <= p else p + math.ceil((n - p) / s) * s
-
-def fit_size(n: int, p: int, s: int) -> int:
-    "The largest size `<= n` of the form `p + k*s` (at least `p`)."
-    return p if n <= p else p + ((n - p) // s) * s
+def grid_spec(backbone, patch_size: int | None = None, stride: int | None = None, where: str = "the probe") -> tuple[int, int]:
+    "`(patch_size, stride)`: the arguments for a bare function, else the backbone contract's (`dvt.contract.check_backbone`)."
+    if patch_size is not None: return int(patch_size), int(stride or patch_size)
+    spec = check_backbone(backbone, where)
+    return spec.patch_size, spec.stride
 
 def pad_to_grid(images: torch.Tensor, p: int, s: int) -> torch.Tensor:
     "Pad `(B, 3, H, W)` images right/bottom with the ImageNet mean colour to the next valid grid size."
@@ -52,9 +48,18 @@ def pad_to_grid(images: torch.Tensor, p: int, s: int) -> torch.Tensor:
     out[..., :H, :W] = images
     return out
 
-def extract(extractor: Extractor, images: torch.Tensor, p: int, s: int, dim: int | None = None) -> torch.Tensor:
-    "Run the frozen extractor on grid-sized images and check it returns `(B, h, w, C)` with the expected grid (and `C = dim`)."
-    B, _, H, W = images.shape; h, w = (H - p) // s + 1, (W - p) // s + 1
+# %% ../nbs/03e_probes.ipynb #af9bca86
+def extract(extractor: Extractor,      # images (B, 3, H, W) in [0, 1] -> tokens (B, h, w, C)
+            images: torch.Tensor,     # (B, 3, H, W), sizes on the grid
+            p: int,                   # patch size
+            s: int,                   # stride
+            dim: int | None = None,   # the channel count the caller expects (None: any)
+            chunk: int | None = None  # images per extractor call (None: all at once)
+           ) -> torch.Tensor:
+    "Frozen features `(B, h, w, C)` of grid-sized images `(B, 3, H, W)`, `chunk` images per call; the output is checked."
+    if chunk is not None and chunk < len(images):
+        return torch.cat([extract(extractor, x, p, s, dim) for x in images.split(chunk)])
+    B, _, H, W = images.shape; h, w = grid_shape(H, W, p, s)
     with torch.no_grad(): f = extractor(images)
     if not isinstance(f, torch.Tensor): raise TypeError(f"the extractor must return a tensor (B, h, w, C); got {type(f).__name__}.")
     if f.ndim != 4 or f.shape[0] != B:
@@ -68,13 +73,23 @@ def extract(extractor: Extractor, images: torch.Tensor, p: int, s: int, dim: int
     if not torch.isfinite(f).all(): raise ValueError("the extractor returned NaN/Inf features.")
     return f.float()
 
+def prepare_extractor(extractor: Extractor, device) -> Extractor:
+    "Move a module extractor to `device` and put it in eval mode (in place: the probes say so); functions pass through."
+    if isinstance(extractor, nn.Module): extractor.to(device).eval()
+    return extractor
+
+def progress(n: int, desc: str):
+    "A tqdm bar of `n` steps that disappears when done."
+    from tqdm.auto import tqdm
+    return tqdm(total=n, desc=desc, leave=False)
+
 # %% ../nbs/03e_probes.ipynb #d397fbfb
 class LinearSegHead(nn.Module):
-    "BN + 1x1 conv: tokens `(B, h, w, C)` -> class logits `(B, K, h, w)`."
-    def __init__(self, in_dim: int, num_classes: int):
+    "BN + 1x1 conv: tokens `(B, h, w, C)` -> class logits `(B, K, h, w)`; `generator` seeds the initial weights."
+    def __init__(self, in_dim: int, num_classes: int, generator: torch.Generator | None = None):
         super().__init__()
         self.bn = nn.BatchNorm2d(in_dim); self.conv = nn.Conv2d(in_dim, num_classes, 1)
-        nn.init.normal_(self.conv.weight, std=0.01); nn.init.zeros_(self.conv.bias)
+        nn.init.normal_(self.conv.weight, std=0.01, generator=generator); nn.init.zeros_(self.conv.bias)
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.conv(self.bn(feats.permute(0, 3, 1, 2)))
 
@@ -82,13 +97,13 @@ class LinearSegHead(nn.Module):
 class DepthHead(nn.Module):
     "Tokens `(B, h, w, C)` -> depth `(B, 1, up*h, up*w)` in metres, by bin classification ('bins') or regression ('linear')."
     def __init__(self, in_dim: int, head: str = "bins", n_bins: int = 256, min_depth: float = 1e-3, max_depth: float = 10.0,
-                 upsample: int = 4, bn: bool = False):
+                 upsample: int = 4, bn: bool = False, generator: torch.Generator | None = None):
         super().__init__()
         if head not in ("bins", "linear"): raise ValueError(f"head={head!r} is unknown; use 'bins' (DVT's) or 'linear'.")
         self.head, self.min_depth, self.max_depth, self.upsample = head, min_depth, max_depth, upsample
         self.bn = nn.BatchNorm2d(in_dim) if bn else nn.Identity()
         self.conv = nn.Conv2d(in_dim, n_bins if head == "bins" else 1, 1)
-        nn.init.normal_(self.conv.weight, std=0.01); nn.init.zeros_(self.conv.bias)
+        nn.init.normal_(self.conv.weight, std=0.01, generator=generator); nn.init.zeros_(self.conv.bias)
         if head == "linear": nn.init.constant_(self.conv.bias, 3.0)   # start at a typical indoor depth: the ReLU is active
         self.register_buffer("bins", torch.linspace(min_depth, max_depth, n_bins), persistent=False)
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
@@ -120,16 +135,18 @@ class SegProbeConfig:
     mode: str = "slide"                     # test: 'slide' windows or 'whole' image
     slide_stride: int | None = None         # None -> 2/3 of the crop (341 for 512)
     eval_batch: int = 8
+    extract_batch: int | None = None        # images per backbone call (None: the whole batch); bounds memory, same numbers
+    save_every: int = 1000                  # iterations between checkpoints (with checkpoint_dir)
     num_workers: int = 0
     seed: int = 0
     device: str | None = None
     @classmethod
-    def paper(cls, **kw) -> SegProbeConfig: return cls(**kw)
+    def paper(cls, **kw) -> SegProbeConfig: return seg_probe_config("paper", **kw)
     @classmethod
-    def smoke(cls, **kw) -> SegProbeConfig:
-        "A CPU-sized probe: 40 iterations, batch 4, 96-pixel crops and test scale, whole-image test."
-        return cls(**{**dict(iters=40, batch_size=4, warmup_iters=5, crop_size=96, scale=96, max_long=384, mode="whole"), **kw})
+    def smoke(cls, **kw) -> SegProbeConfig: return seg_probe_config("smoke", **kw)
+    def validate(self): _validate(self, ("crop_size", "scale", "max_long", "slide_stride"))
 
+# %% ../nbs/03e_probes.ipynb #e25487dd
 @dataclass
 class DepthProbeConfig:
     "Linear depth probe settings; defaults = DVT's NYU config (38.4k iterations, 256 bins) minus the CLS token and gradient loss."
@@ -153,28 +170,49 @@ class DepthProbeConfig:
     test_flip: bool = True
     variance_focus: float = 0.15            # SigLoss: sqrt(var(g) + 0.15 * mean(g)^2), g = log pred - log gt
     eval_batch: int = 4
+    extract_batch: int | None = None        # images per backbone call (None: the whole batch); bounds memory, same numbers
+    save_every: int = 1000                  # iterations between checkpoints (with checkpoint_dir)
     num_workers: int = 0
     seed: int = 0
     device: str | None = None
     @classmethod
-    def paper(cls, **kw) -> DepthProbeConfig: return cls(**kw)
+    def paper(cls, **kw) -> DepthProbeConfig: return depth_probe_config("paper", **kw)
     @classmethod
-    def smoke(cls, **kw) -> DepthProbeConfig:
-        "A CPU-sized probe: 40 iterations, batch 2, 224 x 288 crops, one test pass without flip."
-        return cls(**{**dict(iters=40, batch_size=2, warmup_iters=5, crop=(224, 288), test_flip=False), **kw})
+    def smoke(cls, **kw) -> DepthProbeConfig: return depth_probe_config("smoke", **kw)
+    def validate(self): _validate(self, ("n_bins", "upsample")); _check_pair(self.crop, "crop")
 
-def _config(cls, config, overrides):
-    cfg = replace(config or cls(), **overrides) if overrides else (config or cls())
-    if cfg.iters < 1 or cfg.batch_size < 1: raise ValueError(f"iters={cfg.iters} and batch_size={cfg.batch_size} must be >= 1.")
-    return cfg
+# %% ../nbs/03e_probes.ipynb #6ae7d83b
+SEG_PROBE_PRESETS = {"paper": SegProbeConfig(),
+                     "smoke": SegProbeConfig(iters=40, batch_size=4, warmup_iters=5, crop_size=96, scale=96, max_long=384,
+                                             mode="whole", save_every=10)}
+DEPTH_PROBE_PRESETS = {"paper": DepthProbeConfig(),
+                       "smoke": DepthProbeConfig(iters=40, batch_size=2, warmup_iters=5, crop=(224, 288), test_flip=False,
+                                                 save_every=10)}
 
-# %% ../nbs/03e_probes.ipynb #db2e84d0
-def lr_factor(it: int, iters: int, warmup_iters: int, warmup_ratio: float, kind: str = "poly", power: float = 1.0) -> float:
-    "Learning-rate multiplier at iteration `it`: linear warm-up, then 'poly' or 'cosine' decay to 0 at `iters`."
-    prog = min(it / max(iters, 1), 1.0)
-    base = (1 - prog) ** power if kind == "poly" else 0.5 * (1 + math.cos(math.pi * prog))
-    if it < warmup_iters: base *= 1 - (1 - it / warmup_iters) * (1 - warmup_ratio)
-    return base
+def seg_probe_config(preset: str | SegProbeConfig = "paper", **overrides) -> SegProbeConfig:
+    "The `SegProbeConfig` of `preset` (a name in `SEG_PROBE_PRESETS` or a config) with `overrides`, checked."
+    return make_config(SegProbeConfig, SEG_PROBE_PRESETS, preset, "segmentation probe", **overrides)
+
+def depth_probe_config(preset: str | DepthProbeConfig = "paper", **overrides) -> DepthProbeConfig:
+    "The `DepthProbeConfig` of `preset` (a name in `DEPTH_PROBE_PRESETS` or a config) with `overrides`, checked."
+    return make_config(DepthProbeConfig, DEPTH_PROBE_PRESETS, preset, "depth probe", **overrides)
+
+# %% ../nbs/03e_probes.ipynb #50001ae0
+def _validate(cfg, optional_sizes: tuple[str, ...] = ()):
+    "Common checks: whole positive counts, positive rates, and optional sizes that are None or positive integers."
+    for k in ("iters", "batch_size", "eval_batch", "save_every"):
+        v = getattr(cfg, k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"{k}={v!r}: use a whole number >= 1.")
+    for k in ("extract_batch", *optional_sizes):
+        v = getattr(cfg, k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{k}={v!r}: use None or a whole number >= 1.")
+    if not cfg.lr > 0: raise ValueError(f"lr={cfg.lr!r}: the learning rate must be > 0.")
+    if cfg.warmup_iters < 0 or cfg.num_workers < 0: raise ValueError("warmup_iters and num_workers must be >= 0.")
+
+def _check_pair(v, name: str):
+    if len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
+        raise ValueError(f"{name}={v!r}: use (height, width), two whole numbers > 0.")
 
 # %% ../nbs/03e_probes.ipynb #d12c7416
 def _resize_pair(img: torch.Tensor, lab: torch.Tensor, size: tuple[int, int]):
@@ -198,14 +236,17 @@ def _photometric(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     if not contrast_first: img = contrast(img)
     return img
 
+# %% ../nbs/03e_probes.ipynb #341081bb
 class SegTrainSet(Dataset):
     "Wrap a segmentation dataset with the mmseg training augmentation; items are `(image, label)` at `crop x crop`."
     def __init__(self, ds: SegmentationDataset, cfg: SegProbeConfig, crop: int):
         self.ds, self.cfg, self.crop = ds, cfg, crop
     def __len__(self): return len(self.ds)
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int): return self.item(i, int(torch.randint(0, 2**62, ())))   # a seed from the global RNG
+    def item(self, i: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        "Item `i` augmented with the random draws of `seed`: `(image (3, c, c), label (c, c))`."
         cfg, c = self.cfg, self.crop
-        g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))   # follows the global / worker seed
+        g = torch.Generator().manual_seed(seed)
         img, lab = self.ds[i]
         r = cfg.ratio_range[0] + torch.rand((), generator=g).item() * (cfg.ratio_range[1] - cfg.ratio_range[0])
         img, lab = _resize_pair(img, lab, _rescale_size(*lab.shape, cfg.scale * r, cfg.max_long * r))
@@ -250,71 +291,240 @@ def seg_logits(extractor: Extractor, head: LinearSegHead, image: torch.Tensor, p
             out[:, t:t + z.shape[-2], l:l + z.shape[-1]] += z; cnt[:, t:t + z.shape[-2], l:l + z.shape[-1]] += 1
     return out / cnt
 
-# %% ../nbs/03e_probes.ipynb #0ab0da64
-def _module_to(extractor, dev):
-    if isinstance(extractor, nn.Module): extractor.to(dev).eval()
-    return extractor
+# %% ../nbs/03e_probes.ipynb #8c5369df
+_NOT_NUMBERS = ("device", "num_workers", "eval_batch", "extract_batch", "save_every")   # settings that change no metric
 
-def _progress(n: int, desc: str):
-    from tqdm.auto import tqdm
-    return tqdm(total=n, desc=desc, leave=False)
+def backbone_fingerprint(backbone: Extractor) -> str:
+    "A short sha256 of a module's class, `repr` and `dvt.runs.module_fingerprint` (a function: its qualified name)."
+    h = hashlib.sha256()
+    if not isinstance(backbone, nn.Module):
+        h.update(f"{getattr(backbone, '__module__', '')}.{getattr(backbone, '__qualname__', type(backbone).__name__)}".encode())
+        return h.hexdigest()[:16]
+    h.update(f"{type(backbone).__module__}.{type(backbone).__qualname__}\n{backbone!r}\n{module_fingerprint(backbone)}".encode())
+    return h.hexdigest()[:16]
 
-def _loader(ds: Dataset, cfg, g: torch.Generator) -> DataLoader:
-    sampler = RandomSampler(ds, replacement=True, num_samples=cfg.iters * cfg.batch_size, generator=g)
-    return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers, drop_last=True,
-                      persistent_workers=False, generator=g)
+def dataset_fingerprint(ds) -> str:
+    "A short sha256 of a dataset's class, length and each item's file names and sizes (`pairs`)."
+    h = hashlib.sha256(f"{type(ds).__name__} {len(ds)}".encode())
+    for pair in getattr(ds, "pairs", []):
+        for f in pair: h.update(f"{Path(f).name} {Path(f).stat().st_size if Path(f).exists() else -1}\n".encode())
+    return h.hexdigest()[:16]
 
-def train_seg_probe(extractor: Extractor, train_ds: SegmentationDataset, config: SegProbeConfig | None = None,
-                    patch_size: int | None = None, stride: int | None = None, **overrides) -> LinearSegHead:
-    "Train a `LinearSegHead` on frozen features of `extractor` over `train_ds` (mmseg's recipe); return it in eval mode."
-    cfg = _config(SegProbeConfig, config, overrides); p, s = grid_spec(extractor, patch_size, stride)
-    dev = pick_device(cfg.device); g = seed_everything(cfg.seed); extractor = _module_to(extractor, dev)
-    crop = valid_size(cfg.crop_size, p, s) if cfg.crop_size else fit_size(dvt_input_size(p), p, s)
-    head = None; it = 0; bar = _progress(cfg.iters, f"seg probe ({getattr(train_ds, 'name', 'seg')})")
-    for img, lab in _loader(SegTrainSet(train_ds, cfg, crop), cfg, g):
-        img, lab = img.to(dev), lab.to(dev)
-        f = extract(extractor, img, p, s, None if head is None else head.bn.num_features)
+def probe_fingerprint(kind: str, cfg, backbone: Extractor, *datasets, backbone_id: str | None = None, grid=None) -> str:
+    "The fingerprint of a probe: its kind, the settings that change numbers, the backbone, its grid and the datasets."
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_NUMBERS}
+    parts = dict(kind=kind, settings=settings, backbone=backbone_id or backbone_fingerprint(backbone), grid=grid,
+                 data=[dataset_fingerprint(d) for d in datasets])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+# %% ../nbs/03e_probes.ipynb #08375b26
+def save_probe_state(path: str | Path, state: dict) -> Path:
+    "Write a probe's training state atomically (`dvt.runs.atomic_write`: temporary file, fsync, rename)."
+    p = Path(path); p.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(p, lambda f: torch.save(state, f))
+
+def load_probe_state(path: str | Path | None, fingerprint: str) -> dict | None:
+    "The saved state at `path` if it exists, loads (weights only) and carries `fingerprint`; else `None` (a stale one is set aside)."
+    p = Path(path) if path else None
+    if p is None: return None
+    clean_temporaries(p.parent, [p.name])                                   # a write cut short by a kill
+    if not p.exists(): return None
+    try: state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        print(f"probe checkpoint {p} does not load ({type(e).__name__}: {e}); starting over."); return None
+    if state.get("fingerprint") != fingerprint:
+        os.replace(p, p.with_name(p.name + ".stale"))
+        print(f"probe checkpoint {p} belongs to other settings, weights or data (fingerprint {state.get('fingerprint')} "
+              f"!= {fingerprint}); kept as {p.name}.stale, starting over.")
+        return None
+    return state
+
+# %% ../nbs/03e_probes.ipynb #09dce22b
+def _probe_files(checkpoint_dir: str | Path | None, stem: str) -> tuple[Path | None, Path | None]:
+    "`(state file, result file)` of a probe under `checkpoint_dir`, or `(None, None)` without one."
+    if checkpoint_dir is None: return None, None
+    d = Path(checkpoint_dir); return d / f"{stem}.pt", d / f"{stem}.json"
+
+def save_probe_result(path: Path | None, result: dict):
+    "Write a finished probe's metrics (JSON, atomically) next to its checkpoint."
+    if path is None: return
+    path.parent.mkdir(parents=True, exist_ok=True); write_json(path, result)
+
+def load_probe_result(path: Path | None, fingerprint: str) -> dict | None:
+    "The stored result at `path` if it parses and carries `fingerprint`; else `None` (to be recomputed)."
+    if path is None or not path.exists(): return None
+    try: res = read_json(path, "recomputing")
+    except (OSError, ValueError) as e: print(e); return None
+    return res if isinstance(res, dict) and res.get("fingerprint") == fingerprint else None
+
+# %% ../nbs/03e_probes.ipynb #24e25b19
+def iteration_generator(seed: int, it: int) -> torch.Generator:
+    "The generator of iteration `it`: seeded from `(seed, it)` alone, so any iteration can be redrawn after a restart."
+    return torch.Generator().manual_seed((seed * 1_000_003 + it) % 2**63)
+
+class IterationBatches(Dataset):
+    "Item `k` = the whole batch of iteration `start + k`: `batch_size` samples drawn with replacement, each with its own seed."
+    def __init__(self, train_set: Dataset, batch_size: int, seed: int, start: int, stop: int):
+        self.train_set, self.batch_size, self.seed, self.start, self.stop = train_set, batch_size, seed, start, stop
+    def __len__(self): return max(0, self.stop - self.start)
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = iteration_generator(self.seed, self.start + k)
+        idx = torch.randint(0, len(self.train_set), (self.batch_size,), generator=g)
+        seeds = torch.randint(0, 2**62, (self.batch_size,), generator=g)
+        xs, ys = zip(*(self.train_set.item(int(i), int(s)) for i, s in zip(idx, seeds)))
+        return torch.stack(xs), torch.stack(ys)
+
+# %% ../nbs/03e_probes.ipynb #69764a09
+def fit_probe(extractor: Extractor, train_set: Dataset, cfg, make_head: Callable, loss_fn: Callable, p: int, s: int,
+              checkpoint: str | Path | None = None, # state file: resume from it, save to it every `cfg.save_every` iterations
+              fingerprint: str = "",                # what the state must carry to be resumed
+              lr_kind: str = "poly",                # 'poly' (segmentation) or 'cosine' (depth) decay
+              on_step: Callable | None = None,      # called with the number of finished iterations after each one
+              desc: str = "probe") -> nn.Module:
+    "Train a head on frozen features of `extractor` for `cfg.iters` iterations (AdamW); return it in eval mode."
+    dev = pick_device(cfg.device); extractor = prepare_extractor(extractor, dev)
+    state = load_probe_state(checkpoint, fingerprint); start = state["iteration"] if state else 0
+    head, opt = _head_and_optimiser(make_head, state["in_dim"], cfg, dev, state) if state else (None, None)
+    batches = DataLoader(IterationBatches(train_set, cfg.batch_size, cfg.seed, start, cfg.iters), batch_size=None,
+                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))   # not the global RNG
+    bar = progress(cfg.iters, desc); bar.update(start)
+    for it, (img, target) in enumerate(batches, start):
+        xp = pad_to_grid(img.to(dev), p, s); target = target.to(dev)
+        f = extract(extractor, xp, p, s, None if head is None else head.in_dim, cfg.extract_batch)
         if head is None:
-            head = LinearSegHead(f.shape[-1], train_ds.num_classes).to(dev).train()
-            opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, cfg.iters, cfg.warmup_iters, cfg.warmup_ratio, "poly", cfg.poly_power))
-        logits = F.interpolate(head(f), size=lab.shape[-2:], mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(logits, lab, ignore_index=train_ds.ignore_index)
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
-        it += 1; bar.update(1); bar.set_postfix(loss=f"{loss.item():.3f}")
+            head, opt = _head_and_optimiser(make_head, f.shape[-1], cfg, dev)
+            check_probe_memory(cfg, dev, f.shape[-1], head, xp.shape[-2:], p, s)
+        for group in opt.param_groups:
+            group["lr"] = lr_schedule(it, cfg.iters, cfg.lr, cfg.warmup_iters, warmup_kind="scaled", decay=lr_kind,
+                                      power=getattr(cfg, "poly_power", 1.0), warmup_ratio=cfg.warmup_ratio)
+        loss = loss_fn(head, f, target, xp.shape[-2:])
+        opt.zero_grad(set_to_none=True); loss.backward()
+        if getattr(cfg, "grad_clip", 0): nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
+        opt.step(); done = it + 1
+        if checkpoint and (done % cfg.save_every == 0 or done == cfg.iters):
+            save_probe_state(checkpoint, dict(fingerprint=fingerprint, iteration=done, in_dim=head.in_dim, head=head.state_dict(),
+                                              optimizer=opt.state_dict(), rng=dict(seed=cfg.seed, scheme="iteration_generator")))
+        bar.update(1); bar.set_postfix(loss=f"{loss.item():.3f}")
+        if on_step: on_step(done)
     bar.close()
-    head.eval(); head.crop, head.grid, head.iters = crop, (p, s), it
+    head.eval(); head.iters = cfg.iters
     return head
 
+# %% ../nbs/03e_probes.ipynb #ee235806
+def _head_and_optimiser(make_head: Callable, in_dim: int, cfg, dev, state: dict | None = None):
+    "A new head (initial weights from a generator seeded with `cfg.seed`) and its AdamW, or both restored from `state`."
+    with torch.random.fork_rng(devices=[]):      # nn.Conv2d's default init draws from the global RNG: give its state back
+        head = make_head(in_dim, torch.Generator().manual_seed(cfg.seed)).to(dev).train()
+    head.in_dim = in_dim
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if state: head.load_state_dict(state["head"]); opt.load_state_dict(state["optimizer"])
+    return head, opt
+
+# %% ../nbs/03e_probes.ipynb #d6e46d2d
+def probe_memory_estimate(cfg,                    # the probe's settings (its batch_size is used)
+                          in_dim: int,            # feature channels C
+                          n_out: int,             # head outputs: classes or depth bins
+                          size: tuple[int, int],  # the training crop (H, W), on the grid
+                          p: int, s: int,         # patch size and stride
+                          upsample: int = 1       # the depth head's upsampling of the token map
+                         ) -> int:
+    "Bytes of one training step's head-side tensors: features, the upsampled maps and the full-size logits, with gradients."
+    B, (H, W) = cfg.batch_size, size
+    h, w = (H - p) // s + 1, (W - p) // s + 1
+    feats = B * h * w * in_dim * 4                                   # float32 features (no grad)
+    up = B * in_dim * (upsample * h) * (upsample * w) * 4 if upsample > 1 else 0   # the x4 map the depth head keeps
+    copies = 6 if upsample > 1 else 3                                # the bins head keeps ReLU, weights, normalised weights
+    outs = B * n_out * (upsample * h) * (upsample * w) * 4 * copies   # conv output, its gradient, activations
+    full = B * (n_out if upsample == 1 else 1) * H * W * 4 * 3         # logits (or depth) at the crop size, grad, softmax
+    return feats + up + outs + full
+
+def check_probe_memory(cfg, dev,                   # the probe's settings and device
+                       in_dim: int,                # feature channels C
+                       head: nn.Module,            # the head to train (its outputs and upsampling are read)
+                       size, p: int, s: int,       # the training crop (H, W), patch size and stride
+                       free: int | None = None):   # free bytes (None: asked from the CUDA device; CPU: no check)
+    "Fail before the first step when a training step would not fit the device's free memory, naming the settings to lower."
+    if free is None:
+        if dev.type != "cuda": return
+        free = torch.cuda.mem_get_info(dev)[0]
+    n_out, up = head.conv.out_channels, getattr(head, "upsample", 1)
+    need = probe_memory_estimate(cfg, in_dim, n_out, tuple(size), p, s, up)
+    if need > 0.8 * free:
+        raise MemoryError(f"one probe training step needs about {need / 2**30:.1f} GiB (batch_size={cfg.batch_size}, {n_out} outputs "
+                          f"at {tuple(size)}, {in_dim} channels) but {free / 2**30:.1f} GiB are free on {dev}. Lower batch_size "
+                          f"(and raise iters to see as many samples; the protocol's numbers change), or the crop; extract_batch "
+                          f"bounds the backbone's share.")
+
+# %% ../nbs/03e_probes.ipynb #0ab0da64
+def train_seg_probe(backbone: Extractor, train_ds: SegmentationDataset,
+                    preset: str | SegProbeConfig = "paper", # a preset name or a config; keyword overrides below
+                    checkpoint: str | Path | None = None,    # state file to resume from and save to
+                    on_step: Callable | None = None,         # called with the finished iteration count
+                    patch_size: int | None = None,           # the grid, for an extractor without `patch_size`
+                    stride: int | None = None,               # its stride (default: the patch size)
+                    backbone_id: str | None = None,          # names the weights in the fingerprint (default: hashed)
+                    config: SegProbeConfig | None = None,    # the same as `preset` (older calls)
+                    **overrides) -> LinearSegHead:
+    "Train a `LinearSegHead` on frozen features of `backbone` over `train_ds` (mmseg's recipe); return it in eval mode."
+    cfg = seg_probe_config(config if config is not None else preset, **overrides)
+    p, s = grid_spec(backbone, patch_size, stride, "the segmentation probe")
+    crop = valid_size(cfg.crop_size, p, s) if cfg.crop_size else fit_size(dvt_input_size(p), p, s)
+    fp = probe_fingerprint("seg", cfg, backbone, train_ds, backbone_id=backbone_id, grid=(p, s))
+    K, ignore = train_ds.num_classes, train_ds.ignore_index
+    def loss(head, f, lab, size):                # f (B, h, w, C), lab (B, c, c) -> cross-entropy at the label size
+        logits = F.interpolate(head(f), size=lab.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits, lab, ignore_index=ignore)
+    head = fit_probe(backbone, SegTrainSet(train_ds, cfg, crop), cfg, lambda d, g: LinearSegHead(d, K, g), loss, p, s,
+                     checkpoint, fp, "poly", on_step, f"seg probe ({getattr(train_ds, 'name', 'seg')})")
+    head.crop, head.grid = crop, (p, s)
+    return head
+
+# %% ../nbs/03e_probes.ipynb #a00627c1
 @torch.no_grad()
-def eval_seg_probe(extractor: Extractor, head: LinearSegHead, val_ds: SegmentationDataset,
-                   config: SegProbeConfig | None = None, **overrides) -> dict:
+def eval_seg_probe(backbone: Extractor,                      # the frozen extractor the head was trained on
+                   head: LinearSegHead,                     # a trained head (its `grid` and `crop` are used)
+                   val_ds: SegmentationDataset,             # the evaluation split
+                   preset: str | SegProbeConfig = "paper",  # test-time settings: scale, mode, slide stride, ...
+                   config: SegProbeConfig | None = None,    # the same as `preset` (older calls)
+                   **overrides) -> dict:
     "mIoU / mAcc / aAcc (percent) of a trained head over `val_ds`, with mmseg's test-time resize and slide/whole inference."
-    cfg = _config(SegProbeConfig, config, overrides); p, s = head.grid; dev = next(head.parameters()).device
-    extractor = _module_to(extractor, dev); K = val_ds.num_classes
+    cfg = seg_probe_config(config if config is not None else preset, **overrides); p, s = head.grid
+    dev = next(head.parameters()).device; backbone = prepare_extractor(backbone, dev); K = val_ds.num_classes
     crop = valid_size(cfg.crop_size, p, s) if cfg.crop_size else head.crop
-    conf = torch.zeros(K, K, dtype=torch.long); bar = _progress(len(val_ds), f"seg eval ({getattr(val_ds, 'name', 'seg')})")
+    conf = torch.zeros(K, K, dtype=torch.long); bar = progress(len(val_ds), f"seg eval ({getattr(val_ds, 'name', 'seg')})")
     for i in range(len(val_ds)):
         img, lab = val_ds[i]
         x = F.interpolate(img[None], size=_rescale_size(*lab.shape, cfg.scale, cfg.max_long), mode="bilinear", align_corners=False)[0].clamp(0, 1)
-        lg = seg_logits(extractor, head, x, p, s, crop, cfg.slide_stride, cfg.mode, cfg.eval_batch)
+        lg = seg_logits(backbone, head, x, p, s, crop, cfg.slide_stride, cfg.mode, cfg.eval_batch)
         pred = F.interpolate(lg[None], size=lab.shape, mode="bilinear", align_corners=False)[0].argmax(0).cpu()
         conf += confusion_matrix(pred, lab, K, val_ds.ignore_index); bar.update(1)
     bar.close()
     return {**seg_scores(conf), "confusion": conf}
 
-def run_seg_probe(extractor: Extractor, root: str | Path | None = None, dataset: str = "voc",
-                  config: SegProbeConfig | None = None, patch_size: int | None = None, stride: int | None = None,
+# %% ../nbs/03e_probes.ipynb #74252902
+def run_seg_probe(backbone: Extractor, root: str | Path | None = None, dataset: str = "voc",
+                  preset: str | SegProbeConfig = "paper", # a preset name or a config; keyword overrides below
+                  checkpoint_dir: str | Path | None = None, # resume from / save to `seg_<dataset>.pt`; result in `.json`
+                  patch_size: int | None = None,           # the grid, for an extractor without `patch_size`
+                  stride: int | None = None,               # its stride (default: the patch size)
+                  backbone_id: str | None = None,          # names the weights in the fingerprint (default: hashed)
+                  on_step: Callable | None = None,         # called with the finished iteration count
+                  config: SegProbeConfig | None = None,    # the same as `preset` (older calls)
                   **overrides) -> dict:
     "Train and score a linear segmentation probe on `dataset` ('voc' or 'ade') under `root`: dict with mIoU, mAcc, aAcc, ..."
     if dataset not in ("voc", "ade"): raise ValueError(f"dataset={dataset!r}: the segmentation probe runs on 'voc' or 'ade'.")
-    cfg = _config(SegProbeConfig, config, overrides)
+    cfg = seg_probe_config(config if config is not None else preset, **overrides)
     train_ds, val_ds = load_dataset(dataset, root, "train" if dataset == "voc" else "training"), load_dataset(dataset, root)
-    t0 = time.time()
-    head = train_seg_probe(extractor, train_ds, cfg, patch_size, stride)
-    res = eval_seg_probe(extractor, head, val_ds, cfg)
-    return dict(dataset=dataset, mIoU=res["mIoU"], mAcc=res["mAcc"], aAcc=res["aAcc"], IoU=res["IoU"], iters=head.iters,
-                n_train=len(train_ds), n_val=len(val_ds), crop=head.crop, seconds=time.time() - t0, head=head)
+    bid = backbone_id or backbone_fingerprint(backbone); t0 = time.time()
+    ck, fp = _probe_files(checkpoint_dir, f"seg_{dataset}"), probe_fingerprint("seg", cfg, backbone, train_ds, val_ds, backbone_id=bid)
+    if (done := load_probe_result(ck[1], fp)) is not None:
+        return {**done, "head": train_seg_probe(backbone, train_ds, cfg, ck[0], None, patch_size, stride, bid), "from_cache": True}
+    head = train_seg_probe(backbone, train_ds, cfg, ck[0], on_step, patch_size, stride, bid)
+    res = eval_seg_probe(backbone, head, val_ds, cfg)
+    out = dict(dataset=dataset, mIoU=res["mIoU"], mAcc=res["mAcc"], aAcc=res["aAcc"], IoU=res["IoU"], iters=head.iters,
+               n_train=len(train_ds), n_val=len(val_ds), crop=head.crop, seconds=time.time() - t0, fingerprint=fp)
+    save_probe_result(ck[1], out)
+    return {**out, "head": head, "from_cache": False}
 
 # %% ../nbs/03e_probes.ipynb #fb32e3ee
 def _rotate(img: torch.Tensor, dep: torch.Tensor, deg: float):
@@ -326,12 +536,15 @@ def _rotate(img: torch.Tensor, dep: torch.Tensor, deg: float):
     dep = F.grid_sample(dep[None, None], grid, mode="nearest", padding_mode="zeros", align_corners=False)[0, 0]
     return img, dep
 
+# %% ../nbs/03e_probes.ipynb #5b61f517
 class DepthTrainSet(Dataset):
     "Wrap an NYU dataset with the toolbox's training augmentation; items are `(image, depth)` crops of `cfg.crop`."
     def __init__(self, ds: NYUDepthV2, cfg: DepthProbeConfig): self.ds, self.cfg = ds, cfg
     def __len__(self): return len(self.ds)
-    def __getitem__(self, i: int):
-        cfg = self.cfg; g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+    def __getitem__(self, i: int): return self.item(i, int(torch.randint(0, 2**62, ())))   # a seed from the global RNG
+    def item(self, i: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        "Item `i` augmented with the random draws of `seed`: `(image (3, h, w), depth (h, w))`."
+        cfg = self.cfg; g = torch.Generator().manual_seed(seed)
         r = lambda: torch.rand((), generator=g).item()
         img, dep = self.ds[i]
         if cfg.rotate: img, dep = _rotate(img, dep, (2 * r() - 1) * cfg.rotate)
@@ -354,63 +567,81 @@ def sig_loss(pred: torch.Tensor, target: torch.Tensor, min_depth: float = 1e-3, 
     return torch.sqrt(g.var() + variance_focus * g.mean() ** 2 + 1e-12)
 
 @torch.no_grad()
-def predict_depth(extractor: Extractor, head: DepthHead, images: torch.Tensor, p: int, s: int, flip: bool = True) -> torch.Tensor:
+def predict_depth(extractor: Extractor, head: DepthHead, images: torch.Tensor, p: int, s: int, flip: bool = True,
+                  chunk: int | None = None) -> torch.Tensor:
     "Depth `(B, H, W)` in metres for images `(B, 3, H, W)` (padded to the grid, flip-averaged if `flip`)."
     dev = next(head.parameters()).device; images = images.to(dev); H, W = images.shape[-2:]
     def run(x):
         xp = pad_to_grid(x, p, s)
-        d = head(extract(extractor, xp, p, s, head.conv.in_channels))
+        d = head(extract(extractor, xp, p, s, head.conv.in_channels, chunk))
         return F.interpolate(d, size=xp.shape[-2:], mode="bilinear", align_corners=False)[:, 0, :H, :W]
     out = run(images)
     if flip: out = (out + run(images.flip(-1)).flip(-1)) / 2
     return out.clamp(head.min_depth, head.max_depth)
 
-def train_depth_probe(extractor: Extractor, train_ds: NYUDepthV2, config: DepthProbeConfig | None = None,
-                      patch_size: int | None = None, stride: int | None = None, **overrides) -> DepthHead:
-    "Train a `DepthHead` on frozen features of `extractor` over `train_ds` (SigLoss, AdamW, cosine); return it in eval mode."
-    cfg = _config(DepthProbeConfig, config, overrides); p, s = grid_spec(extractor, patch_size, stride)
-    dev = pick_device(cfg.device); g = seed_everything(cfg.seed); extractor = _module_to(extractor, dev)
-    head = None; it = 0; bar = _progress(cfg.iters, "depth probe")
-    for img, dep in _loader(DepthTrainSet(train_ds, cfg), cfg, g):
-        img, dep = img.to(dev), dep.to(dev); H, W = dep.shape[-2:]
-        xp = pad_to_grid(img, p, s)
-        f = extract(extractor, xp, p, s, None if head is None else head.conv.in_channels)
-        if head is None:
-            head = DepthHead(f.shape[-1], cfg.head, cfg.n_bins, cfg.min_depth, cfg.max_depth, cfg.upsample, cfg.bn).to(dev).train()
-            opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, cfg.iters, cfg.warmup_iters, cfg.warmup_ratio, "cosine"))
-        pred = F.interpolate(head(f), size=xp.shape[-2:], mode="bilinear", align_corners=False)[:, 0, :H, :W]
-        loss = sig_loss(pred, dep, cfg.min_depth, cfg.max_depth, cfg.variance_focus)
-        opt.zero_grad(set_to_none=True); loss.backward()
-        if cfg.grad_clip: nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
-        opt.step(); sched.step(); it += 1; bar.update(1); bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    head.eval(); head.grid, head.iters = (p, s), it
+# %% ../nbs/03e_probes.ipynb #a09716fe
+def train_depth_probe(backbone: Extractor, train_ds: NYUDepthV2,
+                      preset: str | DepthProbeConfig = "paper", # a preset name or a config; keyword overrides below
+                      checkpoint: str | Path | None = None,      # state file to resume from and save to
+                      on_step: Callable | None = None,           # called with the finished iteration count
+                      patch_size: int | None = None,             # the grid, for an extractor without `patch_size`
+                      stride: int | None = None,                 # its stride (default: the patch size)
+                      backbone_id: str | None = None,            # names the weights in the fingerprint (default: hashed)
+                      config: DepthProbeConfig | None = None,    # the same as `preset` (older calls)
+                      **overrides) -> DepthHead:
+    "Train a `DepthHead` on frozen features of `backbone` over `train_ds` (SigLoss, AdamW, cosine); return it in eval mode."
+    cfg = depth_probe_config(config if config is not None else preset, **overrides)
+    p, s = grid_spec(backbone, patch_size, stride, "the depth probe")
+    fp = probe_fingerprint("depth", cfg, backbone, train_ds, backbone_id=backbone_id, grid=(p, s))
+    def loss(head, f, dep, size):                # f (B, h, w, C), dep (B, H, W); the prediction is cropped back from `size`
+        pred = F.interpolate(head(f), size=tuple(size), mode="bilinear", align_corners=False)[:, 0, :dep.shape[-2], :dep.shape[-1]]
+        return sig_loss(pred, dep, cfg.min_depth, cfg.max_depth, cfg.variance_focus)
+    make = lambda d, g: DepthHead(d, cfg.head, cfg.n_bins, cfg.min_depth, cfg.max_depth, cfg.upsample, cfg.bn, g)
+    head = fit_probe(backbone, DepthTrainSet(train_ds, cfg), cfg, make, loss, p, s, checkpoint, fp, "cosine", on_step, "depth probe")
+    head.grid = (p, s)
     return head
 
+# %% ../nbs/03e_probes.ipynb #5a77ad74
 @torch.no_grad()
-def eval_depth_probe(extractor: Extractor, head: DepthHead, test_ds: NYUDepthV2, config: DepthProbeConfig | None = None,
+def eval_depth_probe(backbone: Extractor,                     # the frozen extractor the head was trained on
+                     head: DepthHead,                        # a trained head (its `grid` is used)
+                     test_ds: NYUDepthV2,                    # the test split
+                     preset: str | DepthProbeConfig = "paper", # test-time settings: flip, batch, depth range
+                     config: DepthProbeConfig | None = None, # the same as `preset` (older calls)
                      **overrides) -> dict:
     "NYU metrics of a trained head: per-image rmse, abs_rel, d1 ... (Eigen crop, 0.001-10 m), averaged over `test_ds`."
-    cfg = _config(DepthProbeConfig, config, overrides); p, s = head.grid
-    extractor = _module_to(extractor, next(head.parameters()).device)
-    per = []; bar = _progress(len(test_ds), "depth eval")
+    cfg = depth_probe_config(config if config is not None else preset, **overrides); p, s = head.grid
+    backbone = prepare_extractor(backbone, next(head.parameters()).device)
+    per = []; bar = progress(len(test_ds), "depth eval")
     for i in range(0, len(test_ds), cfg.eval_batch):
         items = [test_ds[j] for j in range(i, min(i + cfg.eval_batch, len(test_ds)))]
         groups = [items] if len({it[1].shape for it in items}) == 1 else [[it] for it in items]   # batch same-size images
         for grp in groups:
-            pred = predict_depth(extractor, head, torch.stack([it[0] for it in grp]), p, s, cfg.test_flip).cpu()
+            pred = predict_depth(backbone, head, torch.stack([it[0] for it in grp]), p, s, cfg.test_flip, cfg.extract_batch).cpu()
             per += [depth_metrics(pr, it[1], cfg.min_depth, cfg.max_depth) for pr, it in zip(pred, grp)]
         bar.update(len(items))
     bar.close()
     return mean_metrics(per)
 
-def run_depth_probe(extractor: Extractor, root: str | Path | None = None, config: DepthProbeConfig | None = None,
-                    patch_size: int | None = None, stride: int | None = None, **overrides) -> dict:
+# %% ../nbs/03e_probes.ipynb #6e314647
+def run_depth_probe(backbone: Extractor, root: str | Path | None = None,
+                    preset: str | DepthProbeConfig = "paper", # a preset name or a config; keyword overrides below
+                    checkpoint_dir: str | Path | None = None, # resume from / save to `depth_nyu.pt`; result in `.json`
+                    patch_size: int | None = None,            # the grid, for an extractor without `patch_size`
+                    stride: int | None = None,                # its stride (default: the patch size)
+                    backbone_id: str | None = None,           # names the weights in the fingerprint (default: hashed)
+                    on_step: Callable | None = None,          # called with the finished iteration count
+                    config: DepthProbeConfig | None = None,   # the same as `preset` (older calls)
+                    **overrides) -> dict:
     "Train and score a linear depth probe on NYU-Depth v2 under `root`: dict with rmse, abs_rel, d1 (%), ..."
-    cfg = _config(DepthProbeConfig, config, overrides)
+    cfg = depth_probe_config(config if config is not None else preset, **overrides)
     train_ds, test_ds = load_dataset("nyu", root, "train"), load_dataset("nyu", root, "test")
-    t0 = time.time()
-    head = train_depth_probe(extractor, train_ds, cfg, patch_size, stride)
-    return dict(dataset="nyu", **eval_depth_probe(extractor, head, test_ds, cfg), iters=head.iters, n_train=len(train_ds),
-                n_test=len(test_ds), seconds=time.time() - t0, head=head)
+    bid = backbone_id or backbone_fingerprint(backbone); t0 = time.time()
+    ck, fp = _probe_files(checkpoint_dir, "depth_nyu"), probe_fingerprint("depth", cfg, backbone, train_ds, test_ds, backbone_id=bid)
+    if (done := load_probe_result(ck[1], fp)) is not None:
+        return {**done, "head": train_depth_probe(backbone, train_ds, cfg, ck[0], None, patch_size, stride, bid), "from_cache": True}
+    head = train_depth_probe(backbone, train_ds, cfg, ck[0], on_step, patch_size, stride, bid)
+    out = dict(dataset="nyu", **eval_depth_probe(backbone, head, test_ds, cfg), iters=head.iters, n_train=len(train_ds),
+               n_test=len(test_ds), seconds=time.time() - t0, fingerprint=fp)
+    save_probe_result(ck[1], out)
+    return {**out, "head": head, "from_cache": False}

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03g_report.ipynb #f6404cc8
 from __future__ import annotations
-import csv, io, math, os
+import csv, io, json, math, os
 from pathlib import Path
 from .core import SMOKE_LABEL, check_profile, tables_dir
 
@@ -39,7 +39,7 @@ for m, (vb, vd, ab, ad) in {
 
 SRT_CLAIMS = {
     "davis_jf": "up to +4.1% J&F on DAVIS-2017 for DINO ViT-S/16 (ICML version)",
-    "nyu_rmse": "up to 14.9% RMSE improvement with linear heads on NYUv2 (ICML version; see the NYU evaluation bug in anchors.md §2)",
+    "nyu_rmse": "up to 14.9% RMSE improvement with linear heads on NYUv2 (ICML version)",
     "saliency": "+1.8% on average (TokenCut maxF)",
 }
 
@@ -67,7 +67,7 @@ def _atomic_write(path: Path, text: str):
 
 def write_table(rows: list[dict], name: str, title: str, profile: str, notes: str = "", digits: int = 3,
                 folder: str | Path | None = None) -> str:
-    "Write `rows` as `<name>.csv` and `<name>.md` under `tables/` (or `folder`); return the Markdown."
+    "Write `rows` as `<name>.csv`, `<name>.md` and `<name>.meta.json` under `tables/` (or `folder`); return the Markdown."
     check_profile(profile)
     folder = Path(folder) if folder else tables_dir(); folder.mkdir(parents=True, exist_ok=True)
     label = SMOKE_LABEL if profile == "smoke" else "full profile"
@@ -76,16 +76,24 @@ def write_table(rows: list[dict], name: str, title: str, profile: str, notes: st
     if rows:
         w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n"); w.writeheader()
         w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-    _atomic_write(folder / f"{name}.csv", f"# {title} ({label})\n" + buf.getvalue())
+    _atomic_write(folder / f"{name}.csv", buf.getvalue())
     _atomic_write(folder / f"{name}.md", md)
+    _atomic_write(folder / f"{name}.meta.json", json.dumps(dict(title=title, profile=profile, label=label, notes=notes), indent=1) + "\n")
     return md
 
 # %% ../nbs/03g_report.ipynb #c2caf441
-def with_published(rows: list[dict], metric: str, key: str = "ours", model_key: str = "model",
-                   variant_key: str = "variant") -> list[dict]:
-    "Add `paper` (the DVT paper's `metric` for the row's model and variant) and `diff = ours - paper` to each row."
+def with_published(rows: list[dict],            # table rows with a model, a variant and our number
+                   metric: str,                 # a key of DVT_PUBLISHED's rows, e.g. 'voc_miou'
+                   key: str = "ours",           # the row key of our number
+                   model_key: str = "model",    # the row key of the timm model name
+                   variant_key: str = "variant",# the row key of the variant
+                   profile: str | None = None   # 'smoke': no diff column (random weights on fixtures)
+                  ) -> list[dict]:
+    "Add `paper` (the DVT paper's `metric` for the row's model and variant) and, except for smoke, `diff = ours - paper`."
     out = []
     for r in rows:
         p = published(r[model_key], r[variant_key], metric)
-        out.append({**r, "paper": p, "diff": (r[key] - p) if (p is not None and r.get(key) is not None) else None})
+        row = {**r, "paper": p}
+        if profile != "smoke": row["diff"] = (r[key] - p) if (p is not None and r.get(key) is not None) else None
+        out.append(row)
     return out

@@ -4,88 +4,82 @@
 
 # %% ../nbs/02c_stage1.ipynb #dc74bb45
 from __future__ import annotations
-import difflib, math, time
+import math, time, warnings
 from tqdm.auto import tqdm
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from .core import pick_device
 from .data import load_image, check_images, resize_images
-from .views import ViewSet, make_views, render_views, grid_shape
+from .views import ViewSet, make_views, render_views
+from .contract import check_backbone, grid_shape
+from .config import make_config, suggest, lr_schedule
+from fastcore.basics import patch
 from .fields import NoiseModel, NoiseModelStack
 
 # %% auto #0
-__all__ = ['PRESETS', 'Stage1Config', 'stage1_config', 'field_resolutions', 'lr_at', 'extract_views', 'Stage1Result',
-           'prepare_image', 'denoise_image', 'denoise_images', 'recovery_metrics', 'recovery_sweep', 'view_maps',
-           'stage1_panel']
+__all__ = ['PRESETS', 'Stage1Config', 'stage1_config', 'field_resolutions', 'denoise_image', 'stage1_geometry', 'prepare_image',
+           'PreparedImage', 'prepare_fit', 'fit_prepared', 'lr_at', 'lr_table', 'phase2_start', 'extract_views',
+           'Stage1Result', 'fit_stack', 'GroupAdam', 'step_loss', 'token_lanes', 'draw_tokens', 'denoise_images',
+           'recovery_metrics', 'recovery_sweep', 'view_maps', 'stage1_panel']
 
 # %% ../nbs/02c_stage1.ipynb #bcafcc2d
 @dataclass
 class Stage1Config:
-    "Settings of per-image denoising; `PRESETS` holds the paper's recipe, a CPU smoke test and the default."
+    "Settings of per-image denoising; `PRESETS` holds the official recipe (`paper`), a CPU smoke test and the default."
     n_views: int = 128                 # random views (the full image is added as one more)
     steps: int = 2000                  # optimiser steps
     seed: int = 0
     size: int | tuple[int, int] | None = None  # backbone input size (None: backbone.input_size, 518 / 512 for DVT)
-    # F: dense multi-resolution grid + MLP
-    n_levels: int = 8
-    n_features: int = 8
+    n_levels: int = 8; n_features: int = 8     # F: multi-resolution grid (levels, features per level) + MLP
     base_res: int | None = None        # coarsest grid (vertices per side); None: base_per_token x token grid
     max_res: int | None = None         # finest grid; None: max_per_token x token grid
-    base_per_token: float = 0.25
-    max_per_token: float = 2.0
+    base_per_token: float = 0.25; max_per_token: float = 2.0
     field_init: float = 1e-4           # F's grid init U(+-field_init)
     artifact_init: float = 0.02        # G's init N(0, artifact_init^2)
-    # optimisation
     tokens_per_step: int = 2048        # tokens drawn (with replacement) from all views at each step
-    lr: float = 1e-2
-    min_lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.99)
-    eps: float = 1e-15
-    weight_decay: float = 0.0          # L2 (Adam's weight_decay)
+    lr: float = 1e-2; min_lr: float = 1e-3     # peak and final learning rate
+    betas: tuple[float, float] = (0.9, 0.99); eps: float = 1e-15
+    weight_decay: float = 0.0          # L2 (Adam's weight_decay), added to the gradient of loss_scale x loss
     warmup: float = 0.1                # fraction of steps of linear warm-up, then half-cosine to min_lr
     switch: float = 0.5                # fraction of steps after which G is frozen and h is switched on
     cos_weight: float = 1.0            # weight of (1 - cosine) next to the MSE
     h_weight: float = 0.1              # h's loss: h_weight * MSE(h, sg(y - F - G)) + l1_weight * |h|
     l1_weight: float = 0.02
-    # views
-    scale: tuple[float, float] = (0.1, 0.5)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    # compute
+    scale: tuple[float, float] = (0.1, 0.5); ratio: tuple[float, float] = (3 / 4, 4 / 3)   # views: area, aspect ratio
+    flip_p: float = 0.5; clamp_views: bool = True   # flip probability; views' bicubic overshoot clamped to [0, 1] (official: not)
     device: str | None = None          # None / "auto": CUDA when available
     extract_batch: int = 32            # views per backbone call
     extract_dtype: str = "auto"        # "auto": bfloat16 autocast on CUDA, float32 on CPU; or "float32" / "bfloat16"
+    fit_dtype: str = "float32"         # "bfloat16": the fit under bfloat16 autocast (the official --dtype option)
+    compile: str = "auto"              # fit step: "off" (eager), "on" (torch.compile), "graph" (+ CUDA graphs); "auto": graph on CUDA
+    # fidelity switches, each set to the official code's behaviour by the `paper` preset (see "Faithful to the official code")
+    warmup_kind: str = "linear+1"      # "linear": lr*step/w, 0 at step 0 (official); "linear+1": lr*(step+1)/w
+    switch_after: bool = False         # True: phase 2 from step int(switch*steps) + 1 (official `>`); False: from int(switch*steps)
+    resize: str = "bicubic"            # full image: "bicubic" (float, antialiased) or "pil_bilinear" (8-bit PIL, official)
+    coords: str = "centre"             # token coordinates: patch "centre" or "linspace" (corner-aligned, official)
+    grid_kind: str = "dense"           # F's grid: "dense" or "tcnn" (tiny-cuda-nn's resolutions, lookup and hash)
+    g_read: str = "index"              # G's read: "index" (exact) or "grid_sample" (official, at linspace(-1, 1))
+    loss_scale: float = 1.0            # loss multiplier before backward, never undone (official: 1024)
+    disable_pe: bool = False; residual: bool = True   # G fixed at zero / h used in phase 2 (official options)
 
 # %% ../nbs/02c_stage1.ipynb #9f50f9e0
 PRESETS = {
-    "paper": Stage1Config(n_views=768, steps=25_000, n_levels=16, n_features=8, base_res=16, max_res=1024,
-                          tokens_per_step=2048, weight_decay=1e-5 / 1024),
+    "paper": Stage1Config(n_views=768, steps=25_000, n_levels=16, n_features=8, base_res=16, max_res=1024, tokens_per_step=2048,
+                          weight_decay=1e-5, loss_scale=1024.0, warmup_kind="linear", switch_after=True, resize="pil_bilinear",
+                          coords="linspace", grid_kind="tcnn", g_read="grid_sample", extract_dtype="float32"),
     "smoke": Stage1Config(n_views=8, steps=60, n_levels=4, n_features=4, tokens_per_step=512),
     "default": Stage1Config(),
 }
 
 def stage1_config(preset: str | Stage1Config = "default", **overrides) -> Stage1Config:
     "The `Stage1Config` of `preset` (a name in `PRESETS` or a config) with `overrides` applied; unknown names raise."
-    if isinstance(preset, Stage1Config): cfg = preset
-    elif preset in PRESETS: cfg = PRESETS[preset]
-    else: raise ValueError(f"unknown preset {preset!r}; use one of {sorted(PRESETS)} or pass a Stage1Config.")
-    names = {f.name for f in fields(Stage1Config)}
-    bad = [k for k in overrides if k not in names]
-    if bad:
-        hints = {k: difflib.get_close_matches(k, names, n=1) for k in bad}
-        raise TypeError("unknown stage-1 setting(s): " + ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "")
-                                                                 for k, h in hints.items()))
-    cfg = replace(cfg, **overrides)
-    if cfg.n_views < 1: raise ValueError(f"n_views={cfg.n_views}: stage 1 needs at least one random view; use n_views >= 1.")
-    if cfg.steps < 1: raise ValueError(f"steps={cfg.steps}: use steps >= 1.")
-    if cfg.tokens_per_step < 1: raise ValueError(f"tokens_per_step={cfg.tokens_per_step}: use >= 1.")
-    if not 0 <= cfg.warmup < 1 or not 0 <= cfg.switch <= 1:
-        raise ValueError(f"warmup={cfg.warmup} must be in [0, 1) and switch={cfg.switch} in [0, 1] (fractions of steps).")
-    if cfg.extract_dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"extract_dtype={cfg.extract_dtype!r}; use 'auto', 'float32' or 'bfloat16'.")
-    return cfg
+    if not isinstance(preset, Stage1Config) and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}{suggest(str(preset), PRESETS)}; use one of {sorted(PRESETS)} or pass a Stage1Config.")
+    return make_config(Stage1Config, PRESETS, preset, what="stage-1", **overrides)    # names, types, then validate()
 
 def field_resolutions(cfg: Stage1Config, grid: tuple[int, int]) -> tuple[int, int]:
     "`(base_res, max_res)` of F's grid for a token grid `(h, w)`: the absolute values, or the per-token factors."
@@ -94,27 +88,162 @@ def field_resolutions(cfg: Stage1Config, grid: tuple[int, int]) -> tuple[int, in
     top = cfg.max_res or max(2, round(cfg.max_per_token * n))
     return min(base, top), top
 
+# %% ../nbs/02c_stage1.ipynb #647b6978
+_CHOICES = dict(extract_dtype=("auto", "float32", "bfloat16"), fit_dtype=("float32", "bfloat16"), compile=("auto", "off", "on", "graph"),
+                warmup_kind=("linear", "linear+1"), resize=("bicubic", "pil_bilinear"), coords=("centre", "linspace"),
+                grid_kind=("dense", "tcnn"), g_read=("index", "grid_sample"))
+
+@patch
+def validate(cfg: Stage1Config) -> Stage1Config:
+    "`cfg` if every setting is usable, else a `TypeError` / `ValueError` naming the setting and the fix."
+    for k in ("n_views", "steps", "tokens_per_step", "extract_batch", "seed"):
+        v = getattr(cfg, k)
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool): raise TypeError(f"{k}={v!r} must be an int (e.g. {k}={int(v) if isinstance(v, float) else 1}).")
+    for k, lo in (("n_views", 1), ("steps", 1), ("tokens_per_step", 1), ("extract_batch", 1)):
+        if getattr(cfg, k) < lo: raise ValueError(f"{k}={getattr(cfg, k)}: use {k} >= {lo}" + (" (stage 1 needs at least one random view)." if k == "n_views" else "."))
+    for k in ("field_init", "artifact_init", "weight_decay", "h_weight", "l1_weight", "cos_weight"):
+        if not getattr(cfg, k) >= 0: raise ValueError(f"{k}={getattr(cfg, k)} must be >= 0.")
+    if not cfg.loss_scale > 0: raise ValueError(f"loss_scale={cfg.loss_scale} must be > 0 (1 for none, 1024 as the official code).")
+    sz = cfg.size
+    ok = sz is None or (isinstance(sz, int) and not isinstance(sz, bool) and sz > 0) or \
+         (isinstance(sz, (tuple, list)) and len(sz) == 2 and all(isinstance(v, int) and v > 0 for v in sz))
+    if not ok: raise TypeError(f"size={sz!r}: use an int (square) or a pair of ints (H, W), e.g. size=518, or None for the backbone's.")
+    if not 0 <= cfg.warmup < 1 or not 0 <= cfg.switch <= 1:
+        raise ValueError(f"warmup={cfg.warmup} must be in [0, 1) and switch={cfg.switch} in [0, 1] (fractions of steps).")
+    for k, opts in _CHOICES.items():
+        if getattr(cfg, k) not in opts: raise ValueError(f"{k}={getattr(cfg, k)!r}; use one of {', '.join(map(repr, opts))}.")
+    return cfg
+
+# %% ../nbs/02c_stage1.ipynb #16accfec
+def denoise_image(backbone: nn.Module,                               # (B, 3, H, W) in [0, 1] -> (B, h, w, C), with patch_size, embed_dim
+                  image,                                             # one image: (3, H, W) / (1, 3, H, W) tensor in [0, 1], PIL image or path
+                  size: int | tuple[int, int] | None = None,         # backbone input size (None: the backbone's input_size)
+                  preset: str | Stage1Config = "default",            # "paper", "default", "smoke" or a Stage1Config
+                  **config) -> Stage1Result:                         # overrides of Stage1Config fields
+    "Split one image's tokens into clean (F), artifact (G) and residual (h) by fitting DVT's noise model to random views."
+    cfg = stage1_config(preset, **config)
+    if size is not None: cfg = replace(cfg, size=size).validate()
+    stage1_geometry(backbone, cfg)                                    # fail before any work
+    dev = pick_device(cfg.device)
+    backbone = backbone.to(dev).eval()
+    return fit_prepared([prepare_fit(backbone, image, cfg, dev)], dev)[0]
+
+# %% ../nbs/02c_stage1.ipynb #af30323d
+def stage1_geometry(backbone: nn.Module, cfg: Stage1Config) -> tuple[tuple[int, int], int, int, tuple[int, int]]:
+    "Input size `(H, W)`, patch, stride and token grid `(h, w)` of stage 1 for `backbone` under `cfg`."
+    spec = check_backbone(backbone, "stage 1 (denoise_image)")
+    p, s, sz = spec.patch_size, spec.stride, cfg.size or spec.input_size
+    sz = (sz, sz) if isinstance(sz, int) else tuple(sz)
+    grid = grid_shape(*sz, p, s)
+    if min(grid) < 2: raise ValueError(f"size {sz} gives a {grid[0]}x{grid[1]} token grid; stage 1 needs at least 2x2 tokens, use a larger size.")
+    return sz, p, s, grid
+
+def prepare_image(image,                             # (3, H, W) / (1, 3, H, W) tensor in [0, 1], PIL image or path
+                  size: tuple[int, int],             # (H, W) to resize to
+                  grid: tuple[int, int],             # the token grid (h, w): smaller images are refused
+                  resize: str = "bicubic") -> torch.Tensor:   # "bicubic" (float, antialiased) or "pil_bilinear" (8-bit, official)
+    "One image (tensor, PIL image or path) as `(3, H, W)` resized to `size`: float bicubic, or 8-bit PIL bilinear (official)."
+    if isinstance(image, torch.Tensor):
+        if image.numel() == 0: raise ValueError(f"image is empty, shape {tuple(image.shape)}; pass a (3, H, W) image with H, W >= 1.")
+        if image.ndim == 4 and image.shape[0] != 1:
+            raise ValueError(f"denoise_image takes one image; got a batch {tuple(image.shape)}. Use denoise_images(backbone, images) "
+                             "for several images (or pass image[i]).")
+        x = check_images(image, name="image")[0]
+    else: x = load_image(image)
+    if x.shape[-2] < grid[0] or x.shape[-1] < grid[1]:
+        raise ValueError(f"image is {x.shape[-2]}x{x.shape[-1]} px, smaller than the {grid[0]}x{grid[1]} token grid it would be "
+                         f"resized onto ({size[0]}x{size[1]}); use a larger image or a smaller size.")
+    if resize == "bicubic": return resize_images(x.float(), size)
+    u8 = Image.fromarray((x.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())       # the official reads 8-bit files
+    return torch.from_numpy(np.asarray(u8.resize((size[1], size[0]), Image.BILINEAR)).copy()).permute(2, 0, 1).float() / 255
+
+# %% ../nbs/02c_stage1.ipynb #b507823a
+def _sync(dev: torch.device):
+    if dev.type == "cuda": torch.cuda.synchronize(dev)
+
+def _extract_dtype(cfg: Stage1Config, dev: torch.device) -> torch.dtype:
+    if cfg.extract_dtype == "auto": return torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return getattr(torch, cfg.extract_dtype)
+
+@dataclass
+class PreparedImage:
+    "One image ready to fit: resized pixels `(3, H, W)`, views, token pool `(N, h, w, C)`, full-image tokens `(h, w, C)`, fresh model."
+    image: torch.Tensor; views: ViewSet; pool: torch.Tensor; raw: torch.Tensor; model: NoiseModel; cfg: Stage1Config; extract_s: float
+
+def prepare_fit(backbone: nn.Module, image, cfg: Stage1Config, device: torch.device | str) -> PreparedImage:
+    "Views, their tokens and the initial noise model of one image (everything seeded by `cfg.seed`); `backbone` already on `device`."
+    t0, dev = time.perf_counter(), torch.device(device)
+    sz, p, s, grid = stage1_geometry(backbone, cfg)
+    img = prepare_image(image, sz, grid, cfg.resize)                                       # (3, H, W) on CPU
+    gen = torch.Generator().manual_seed(cfg.seed)
+    views = make_views(cfg.n_views, sz, p, s, generator=gen, scale=cfg.scale, ratio=cfg.ratio, flip_p=cfg.flip_p, rule=cfg.coords)
+    img_d = img.to(dev)
+    pool = extract_views(backbone, img_d, views, cfg.extract_batch, _extract_dtype(cfg, dev), cfg.clamp_views)  # (N, h, w, C)
+    with torch.inference_mode(): raw = backbone(img_d[None])[0].float()                  # view 0 again, in float32
+    raw = raw.clone()                                                                      # a normal tensor again
+    if not torch.isfinite(raw).all(): raise _nonfinite_error("the full image")
+    pool[0] = raw
+    base, top = field_resolutions(cfg, grid)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = NoiseModel(pool.shape[-1], grid, cfg.n_levels, cfg.n_features, base, top, cfg.field_init,
+                           0.0 if cfg.disable_pe else cfg.artifact_init, cfg.grid_kind, cfg.g_read).to(dev)
+    _sync(dev)
+    return PreparedImage(img, views, pool, raw, model, cfg, time.perf_counter() - t0)
+
+# %% ../nbs/02c_stage1.ipynb #08ca0612
+def fit_prepared(items: list[PreparedImage], device: torch.device | str) -> list[Stage1Result]:
+    "Fit the noise models of `items` (one config but their seeds) together, and read out each image's result."
+    t0, dev, cfg, K = time.perf_counter(), torch.device(device), items[0].cfg, len(items)
+    C, (h, w) = items[0].pool.shape[-1], items[0].views.grid
+    stack = NoiseModelStack([it.model for it in items])
+    y = torch.empty(K, items[0].pool[..., 0].numel(), C, device=dev)                        # (K, M, C) the pools, stacked
+    for k, it in enumerate(items): y[k] = it.pool.view(-1, C); it.pool = None                # one pool's copy at a time
+    coords = torch.stack([it.views.coords.to(dev).view(-1, 2) for it in items])              # (K, M, 2)
+    try: losses = fit_stack(stack, y, coords, h * w, cfg, [it.cfg.seed + 1 for it in items])
+    except torch.cuda.OutOfMemoryError as e:
+        raise torch.cuda.OutOfMemoryError(f"fitting {K} images at once ran out of device memory ({e}); use a smaller "
+                                          "batch_images (dvt_denoise --batch-images) or fewer views.") from e
+    del y
+    models = stack.unstack(); del stack
+    out, cpu = [], lambda t: t.detach().float().cpu()
+    with torch.no_grad():
+        for it, model, ls in zip(items, models, losses):
+            clean = model.F(it.views.coords[0].to(dev))                                      # (h, w, C)
+            residual = model.h(it.raw) if _h_used(cfg) else torch.zeros_like(it.raw)
+            out.append([it, cpu(clean), cpu(model.G.table), cpu(residual), cpu(ls), model])
+    _sync(dev); fit_s = (time.perf_counter() - t0) / K                                       # the group's fit time, shared
+    return [Stage1Result(cpu(it.raw), clean, artifact, residual, ls, it.cfg,
+                         dict(extract=it.extract_s, fit=fit_s, total=it.extract_s + fit_s, images_per_fit=K),
+                         model.cpu().requires_grad_(False), it.image, it.views)
+            for it, clean, artifact, residual, ls, model in out]
+
 # %% ../nbs/02c_stage1.ipynb #b67568c8
 def lr_at(step: int, cfg: Stage1Config) -> float:
-    "Learning rate at `step` (0-based): linear warm-up to `cfg.lr`, then half-cosine to `cfg.min_lr` at `cfg.steps`."
-    warm = int(cfg.warmup * cfg.steps)
-    if step < warm: return cfg.lr * (step + 1) / warm
-    t = (step - warm) / max(cfg.steps - warm, 1)
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+    "Learning rate at `step` (0-based): linear warm-up to `cfg.lr` (`cfg.warmup_kind`), then half-cosine to `cfg.min_lr`."
+    return lr_schedule(step, cfg.steps, cfg.lr, float(cfg.warmup), cfg.min_lr, cfg.warmup_kind, "cosine")
+
+def lr_table(cfg: Stage1Config, device=None) -> torch.Tensor:
+    "The whole schedule `(steps,)` float32, one entry per step."
+    return torch.tensor([lr_at(s, cfg) for s in range(cfg.steps)], dtype=torch.float32, device=device)
+
+def phase2_start(cfg: Stage1Config) -> int:
+    "First step of phase 2 (G frozen, h on): `int(switch*steps)`, or one later with `switch_after` (the official `>`)."
+    return int(cfg.switch * cfg.steps) + bool(cfg.switch_after)
+
+def _h_used(cfg: Stage1Config) -> bool: return cfg.residual and cfg.steps > phase2_start(cfg)
 
 # %% ../nbs/02c_stage1.ipynb #a2739d4a
-def _check_backbone(backbone) -> None:
-    miss = [a for a in ("patch_size", "embed_dim") if not hasattr(backbone, a)]
-    if miss or not callable(backbone):
-        raise TypeError(f"backbone must be a module mapping (B, 3, H, W) in [0, 1] to (B, h, w, C) with attributes patch_size "
-                        f"and embed_dim (like dvt.backbones.Backbone); {type(backbone).__name__} lacks {miss or 'a __call__'}.")
-
 def _nonfinite_error(what: str):
     return ValueError(f"the backbone returned NaN/Inf tokens for {what}; check its weights (e.g. a bad checkpoint) and dtype "
                       "(try extract_dtype='float32').")
 
-def extract_views(backbone: nn.Module, image: torch.Tensor, views: ViewSet, batch: int = 32,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
+def extract_views(backbone: nn.Module,              # (B, 3, H, W) -> (B, h, w, C)
+                  image: torch.Tensor,              # (3, H, W) the resized image, on the backbone's device
+                  views: ViewSet,                   # the views to render and extract
+                  batch: int = 32,                  # views per backbone call
+                  dtype: torch.dtype | None = None,  # autocast dtype (None / float32: none)
+                  clamp: bool = True) -> torch.Tensor:  # clamp the rendered views to [0, 1] (see `render_views`)
     "Tokens `(N, h, w, C)` (float32, on `image`'s device) of every view of `image (3, H, W)`, under `inference_mode`."
     N, (h, w) = len(views), views.grid
     out = torch.empty(N, h, w, backbone.embed_dim, device=image.device)
@@ -124,7 +253,8 @@ def extract_views(backbone: nn.Module, image: torch.Tensor, views: ViewSet, batc
         for k, s in enumerate(range(0, N, batch)):
             idx = range(s, min(s + batch, N))
             with torch.autocast(image.device.type, dtype=dtype, enabled=amp):
-                y = backbone(render_views(image, views, idx))
+                px = render_views(image, views, idx, clamp)
+                y = backbone(px.contiguous(memory_format=torch.channels_last) if image.is_cuda else px)
             if tuple(y.shape) != (len(idx), h, w, backbone.embed_dim):
                 raise ValueError(f"backbone returned {tuple(y.shape)} for {len(idx)} views of {views.size}; expected "
                                  f"{(len(idx), h, w, backbone.embed_dim)} (B, h, w, C) with patch {views.patch_size}, stride {views.stride}.")
@@ -133,13 +263,13 @@ def extract_views(backbone: nn.Module, image: torch.Tensor, views: ViewSet, batc
         bad = (~finite).nonzero()[:, 0].tolist()                              # one synchronisation, after the loop
         for k in bad:
             idx = range(k * batch, min((k + 1) * batch, N))
-            y = backbone(render_views(image, views, idx)).float()
+            y = backbone(render_views(image, views, idx, clamp)).float()
             if amp and torch.isfinite(y).all(): out[idx.start:idx.stop] = y
             else: raise _nonfinite_error(f"views {idx.start}..{idx.stop - 1}")
     return out
 
 # %% ../nbs/02c_stage1.ipynb #659609fe
-@dataclass
+@dataclass(repr=False)
 class Stage1Result:
     "Output of `denoise_image`: the full image's token maps `(h, w, C)`, the loss history and the fitted model."
     raw: torch.Tensor        # (h, w, C) the backbone's tokens of the full resized image
@@ -163,143 +293,169 @@ class Stage1Result:
         "The loss history `(steps,)` of one term."
         return self.losses[:, self.loss_names.index(name)]
 
+    def __repr__(self) -> str:
+        h, w, C = self.clean.shape
+        return (f"Stage1Result(tokens (h, w, C)=({h}, {w}, {C}), image {tuple(self.image.shape)}, {len(self.views)} views, "
+                f"{self.losses.shape[0]} steps, final loss {self.losses[-1, 0].item():.4g}, "
+                f"time {self.timings.get('total', float('nan')):.2f} s)")
+
 # %% ../nbs/02c_stage1.ipynb #5a4f8a4d
-def _fit(stack: NoiseModelStack, y: torch.Tensor, coords: torch.Tensor, hw: int, cfg: Stage1Config,
-         gens: list[torch.Generator]) -> torch.Tensor:
-    "Fit `K` stacked models to pools `y (K, M, C)` at image coordinates `coords (K, M, 2)`; loss history `(K, steps, 4)`."
+def fit_stack(stack: NoiseModelStack,     # K models to fit, stacked
+              y: torch.Tensor,            # (K, M, C) each image's token pool (all tokens of all its views)
+              coords: torch.Tensor,       # (K, M, 2) the pool tokens' image coordinates in [0, 1]
+              hw: int,                    # tokens per view (h * w); pool token i sits at view-grid position i % hw
+              cfg: Stage1Config,          # one config for all K (its seed is not used: see `seeds`)
+              seeds) -> torch.Tensor:     # K ints: each image's token-draw seed
+    "Fit `K` stacked noise models to their token pools with Adam; the loss history `(K, steps, 4)`."
     dev, (K, M, C) = y.device, y.shape
-    if len(gens) != K or len(stack) != K: raise ValueError(f"{K} pools need {K} models and {K} generators; got {len(stack)}, {len(gens)}.")
-    opt = torch.optim.Adam(stack.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                           fused=dev.type == "cuda")
-    losses = torch.zeros(cfg.steps, K, 4, device=dev)
-    switch, B = int(cfg.switch * cfg.steps), cfg.tokens_per_step
-    zero = torch.zeros(K, device=dev)
+    seeds = list(seeds)
+    if len(seeds) != K or len(stack) != K: raise ValueError(f"{K} pools need {K} models and {K} seeds; got {len(stack)}, {len(seeds)}.")
+    if cfg.disable_pe: stack.table.requires_grad_(False)
+    lrs = lr_table(cfg, dev) if dev.type == "cuda" else [lr_at(s, cfg) for s in range(cfg.steps)]   # CPU's fused Adam reads floats
+    opt = GroupAdam(dict(F=[stack.grid_table, *stack.f_w, *stack.f_b], G=[stack.table], h=[*stack.h_w, *stack.h_b]), cfg)
+    losses, pool = torch.zeros(cfg.steps, K, 4, device=dev), _pool(y, coords, seeds, cfg.tokens_per_step)
+    step_t, start2, run = torch.zeros((), dtype=torch.long, device=dev), phase2_start(cfg), _StepRunner(cfg, dev)
     for step in range(cfg.steps):
-        if step == switch: stack.table.requires_grad_(False); stack.table.grad = None    # freeze G, h joins
-        for g in opt.param_groups: g["lr"] = lr_at(step, cfg)
-        idx = torch.stack([torch.randint(M, (B,), generator=g, device=dev) for g in gens])  # (K, B) one draw per image
-        yt = torch.take_along_dim(y, idx[..., None], 1)                                  # (K, B, C)
-        f, g = stack.F(torch.take_along_dim(coords, idx[..., None], 1)), stack.G(idx % hw)
-        if step >= switch:
-            r = stack.h(yt)
-            pred = f + g + r.detach()
-            h_loss = cfg.h_weight * (r - (yt - f - g).detach()).pow(2).mean((1, 2)) + cfg.l1_weight * r.abs().mean((1, 2))
-        else: pred, h_loss = f + g, zero
-        mse = (pred - yt).pow(2).mean((1, 2))                                            # (K,) per image
-        cos = 1 - F.cosine_similarity(pred, yt, dim=-1).mean(1)
-        loss = mse + cfg.cos_weight * cos + h_loss
-        opt.zero_grad(set_to_none=True); loss.sum().backward(); opt.step()
-        losses[step] = torch.stack([loss, mse, cos, h_loss], -1).detach()
+        if step == start2: stack.table.requires_grad_(False); stack.table.grad = None          # freeze G, h joins
+        terms = run(stack, pool, step_t, hw, cfg.residual and step >= start2)          # forward and backward
+        opt.step(lrs[step])
+        losses[step].copy_(terms.detach()); step_t += 1
     return losses.transpose(0, 1)
 
-# %% ../nbs/02c_stage1.ipynb #16accfec
-def _sync(dev: torch.device):
-    if dev.type == "cuda": torch.cuda.synchronize(dev)
+def _pool(y: torch.Tensor, coords: torch.Tensor, seeds, n: int) -> tuple:
+    "The constant tensors of a fit: tokens `(K, M, C)`, their 1 / max(norm, 1e-8) `(K·M,)`, coordinates `(K, M, 2)`, draw lanes `(K, n)`."
+    return y, 1 / y.norm(dim=-1).clamp_min(1e-8).view(-1), coords, token_lanes(seeds, n, y.device)
 
-def _extract_dtype(cfg: Stage1Config, dev: torch.device) -> torch.dtype:
-    if cfg.extract_dtype == "auto": return torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return getattr(torch, cfg.extract_dtype)
 
-def prepare_image(image, size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
-    "Load `image` (tensor, PIL image or path) and resize it to `size`; refuse images smaller than the token grid."
-    x = load_image(image) if not isinstance(image, torch.Tensor) else check_images(image, name="image")[0]
-    if x.shape[-2] < grid[0] or x.shape[-1] < grid[1]:
-        raise ValueError(f"image is {x.shape[-2]}x{x.shape[-1]} px, smaller than the {grid[0]}x{grid[1]} token grid it would be "
-                         f"resized onto ({size[0]}x{size[1]}); use a larger image or a smaller size.")
-    return resize_images(x.float(), size)
+# %% ../nbs/02c_stage1.ipynb #52e358b8
+class GroupAdam:
+    "Adam with L2 weight decay (PyTorch's fused kernel) over named groups of parameters, one step count per group."
+    def __init__(self, groups: dict[str, list[torch.Tensor]], cfg: Stage1Config):
+        self.groups, self.cfg, self.state = groups, cfg, {}
 
-def _geometry(backbone: nn.Module, cfg: Stage1Config) -> tuple[tuple[int, int], int, int, tuple[int, int]]:
-    "Input size `(H, W)`, patch, stride and token grid `(h, w)` of stage 1 for `backbone` under `cfg`."
-    _check_backbone(backbone)
-    p, s = int(backbone.patch_size), int(getattr(backbone, "stride", None) or backbone.patch_size)
-    sz = cfg.size or getattr(backbone, "input_size", None)
-    if sz is None: raise ValueError("the backbone has no input_size; pass size=(H, W).")
-    sz = (sz, sz) if isinstance(sz, int) else tuple(sz)
-    grid = grid_shape(sz, p, s)
-    if min(grid) < 2: raise ValueError(f"size {sz} gives a {grid[0]}x{grid[1]} token grid; stage 1 needs at least 2x2 tokens, use a larger size.")
-    return sz, p, s, grid
+    def _active(self) -> list[str]:
+        "The groups whose parameters all have a gradient: the ones this step updates."
+        return [k for k, ps in self.groups.items() if ps and all(p.grad is not None for p in ps)]
 
-@dataclass
-class _Prepared:
-    "One image ready to fit: its resized pixels, views, token pool `(N, h, w, C)`, full-image tokens and fresh model."
-    image: torch.Tensor; views: ViewSet; pool: torch.Tensor; raw: torch.Tensor; model: NoiseModel; cfg: Stage1Config; extract_s: float
+    @torch.no_grad()
+    def step(self, lr: float | torch.Tensor):
+        "One Adam step of every group with gradients (then the gradients are dropped); `lr` a float or a 0-d device tensor."
+        P, G, M, V, S = [], [], [], [], []
+        for k in self._active():
+            ps = self.groups[k]
+            if k not in self.state: self.state[k] = ([torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
+                                                    torch.zeros((), device=ps[0].device))
+            m, v, n = self.state[k]
+            n += 1
+            P += ps; G += [p.grad for p in ps]; M += m; V += v; S += [n] * len(ps)
+        if P: torch._fused_adam_(P, G, M, V, [], S, lr=lr, beta1=self.cfg.betas[0], beta2=self.cfg.betas[1],
+                                 weight_decay=self.cfg.weight_decay, eps=self.cfg.eps, amsgrad=False, maximize=False)
+        for ps in self.groups.values():
+            for p in ps: p.grad = None
 
-def _prepare(backbone: nn.Module, image, cfg: Stage1Config, dev: torch.device) -> _Prepared:
-    "Views, their tokens and the initial noise model of one image (everything seeded by `cfg.seed`)."
-    t0 = time.perf_counter()
-    sz, p, s, grid = _geometry(backbone, cfg)
-    img = prepare_image(image, sz, grid)                                                   # (3, H, W) on CPU
-    gen = torch.Generator().manual_seed(cfg.seed)
-    views = make_views(cfg.n_views, sz, p, s, generator=gen, scale=cfg.scale, ratio=cfg.ratio, flip_p=cfg.flip_p)
-    img_d = img.to(dev)
-    pool = extract_views(backbone, img_d, views, cfg.extract_batch, _extract_dtype(cfg, dev))  # (N, h, w, C)
-    with torch.inference_mode(): raw = backbone(img_d[None])[0].float()                  # view 0 again, in float32
-    raw = raw.clone()                                                                      # a normal tensor again
-    if not torch.isfinite(raw).all(): raise _nonfinite_error("the full image")
-    pool[0] = raw
-    base, top = field_resolutions(cfg, grid)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = NoiseModel(pool.shape[-1], grid, cfg.n_levels, cfg.n_features, base, top, cfg.field_init, cfg.artifact_init).to(dev)
-    _sync(dev)
-    return _Prepared(img, views, pool, raw, model, cfg, time.perf_counter() - t0)
+# %% ../nbs/02c_stage1.ipynb #b9d03dcd
+def step_loss(stack: NoiseModelStack,   # K models, stacked
+              pool: tuple,              # the fit's constant tensors from `_pool`: tokens, 1/|token|, coordinates, draw lanes
+              step: torch.Tensor,       # () int64 device tensor: the step number
+              hw: int,                  # tokens per view
+              phase2: bool,             # G frozen (not in the loss' graph) and h in the loss
+              cfg: Stage1Config) -> tuple[torch.Tensor, torch.Tensor]:
+    "`(loss to back-propagate, per-image terms (K, 4))` of one step."
+    y, yinv, coords, lanes = pool                                                           # (K, M, C), (K·M,), (K, M, 2), (K, B)
+    K, M, C = y.shape
+    idx = draw_tokens(lanes, step, M)                                                       # (K, B) pool indices
+    rows = (idx + torch.arange(0, K * M, M, device=y.device)[:, None]).view(-1) if K > 1 else idx.view(-1)
+    yt = y.view(K * M, C).index_select(0, rows).view(K, -1, C)                              # (K, B, C)
+    xy = coords.view(K * M, 2).index_select(0, rows).view(K, -1, 2)                         # (K, B, 2)
+    with torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=cfg.fit_dtype == "bfloat16"):
+        f, g = stack.F(xy), stack.G(idx % hw)
+        pred, r = f + g, (stack.h(yt) if phase2 else None)
+        if phase2: pred = pred + r.detach()
+    return _losses(pred, yt, yinv.index_select(0, rows).view(K, -1), f, g, r, cfg)
 
-def _fit_prepared(items: list[_Prepared], dev: torch.device) -> list[Stage1Result]:
-    "Fit the noise models of `items` (one config but their seeds) together, and read out each image's result."
-    t0, cfg, K = time.perf_counter(), items[0].cfg, len(items)
-    C, (h, w) = items[0].pool.shape[-1], items[0].views.grid
-    stack = NoiseModelStack([it.model for it in items])
-    gens = [torch.Generator(dev).manual_seed(it.cfg.seed + 1) for it in items]
-    y = torch.empty(K, items[0].pool[..., 0].numel(), C, device=dev)                        # (K, M, C) the pools, stacked
-    for k, it in enumerate(items): y[k] = it.pool.view(-1, C); it.pool = None                # one pool's copy at a time
-    coords = torch.stack([it.views.coords.to(dev).view(-1, 2) for it in items])              # (K, M, 2)
-    try: losses = _fit(stack, y, coords, h * w, cfg, gens)
-    except torch.cuda.OutOfMemoryError as e:
-        raise torch.cuda.OutOfMemoryError(f"fitting {K} images at once ran out of device memory ({e}); use a smaller "
-                                          "batch_images (dvt_denoise --batch-images) or fewer views.") from e
-    del y
-    models = stack.unstack(); del stack
-    out, cpu = [], lambda t: t.detach().float().cpu()
-    with torch.no_grad():
-        for it, model, ls in zip(items, models, losses):
-            clean = model.F(it.views.coords[0].to(dev))                                      # (h, w, C)
-            residual = model.h(it.raw) if cfg.steps > int(cfg.switch * cfg.steps) else torch.zeros_like(it.raw)
-            out.append([it, cpu(clean), cpu(model.G.table), cpu(residual), cpu(ls), model])
-    _sync(dev); fit_s = (time.perf_counter() - t0) / K                                       # the group's fit time, shared
-    return [Stage1Result(cpu(it.raw), clean, artifact, residual, ls, it.cfg,
-                         dict(extract=it.extract_s, fit=fit_s, total=it.extract_s + fit_s, images_per_fit=K),
-                         model.cpu().requires_grad_(False), it.image, it.views)
-            for it, clean, artifact, residual, ls, model in out]
 
-def denoise_image(backbone: nn.Module, image, size: int | tuple[int, int] | None = None, preset: str | Stage1Config = "default",
-                  **config) -> Stage1Result:
-    "Split one image's tokens into clean (F), artifact (G) and residual (h) by fitting DVT's noise model to random views."
-    cfg = stage1_config(preset, **config)
-    if size is not None: cfg = replace(cfg, size=size)
-    _geometry(backbone, cfg)                                                               # fail before any work
-    dev = pick_device(cfg.device)
-    backbone = backbone.to(dev).eval()
-    return _fit_prepared([_prepare(backbone, image, cfg, dev)], dev)[0]
+# %% ../nbs/02c_stage1.ipynb #66d2a0ed
+def _losses(pred, yt, yinv, f, g, r, cfg: Stage1Config) -> tuple[torch.Tensor, torch.Tensor]:
+    "The reconstruction (and, with `r`, h's) losses of predictions `(K, B, C)`; `yinv (K, B)` = 1 / max(|y|, 1e-8)."
+    if cfg.fit_dtype == "bfloat16": pred, f, g, r = (t if t is None else t.float() for t in (pred, f, g, r))
+    n = 1 / yt[0].numel()                                                                   # means as sums: fewer kernels
+    mse = F.mse_loss(pred, yt, reduction="none").sum((1, 2)) * n                            # (K,)
+    cos = 1 - ((pred * yt).sum(-1) * yinv / pred.norm(dim=-1).clamp_min(1e-8)).sum(1) * (1 / yt.shape[1])   # F.cosine_similarity's eps
+    total = mse + cfg.cos_weight * cos
+    if r is None: h_loss = mse.new_zeros(())
+    else:
+        h_loss = (cfg.h_weight * n) * F.mse_loss(r, (yt - f - g).detach(), reduction="none").sum((1, 2)) + (cfg.l1_weight * n) * r.abs().sum((1, 2))
+        total = total + h_loss
+    return total.sum() * cfg.loss_scale, torch.stack(torch.broadcast_tensors(total, mse, cos, h_loss), -1)
+
+# %% ../nbs/02c_stage1.ipynb #22fddb71
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    "A 32-bit integer finaliser (xor-shift-multiply) on int64 tensors holding values in [0, 2^32)."
+    for _ in range(2): x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+def token_lanes(seeds, n: int, device=None) -> torch.Tensor:
+    "The per-draw constants `(K, n)` int64 of images with integer `seeds`: `mix(seed) + j c`, computed once per fit."
+    s = torch.tensor([(int(v) ^ (int(v) >> 32)) & 0xFFFFFFFF for v in seeds], device=device)
+    return _mix32(s)[:, None] + torch.arange(n, device=device) * 0x2545F491
+
+def draw_tokens(lanes: torch.Tensor, step: torch.Tensor, pool: int) -> torch.Tensor:
+    "Indices `(K, n)` in `[0, pool)` at `step` (a 0-d int64 tensor) from `token_lanes`: a counter-based hash, one call for all images."
+    return _mix32((lanes + step * 0x61C88647) & 0xFFFFFFFF) % pool
+
+
+# %% ../nbs/02c_stage1.ipynb #3dff9bc7
+class _StepRunner:
+    "Calls `step_loss` eagerly or compiled, per `cfg.compile`; falls back to eager (with a warning) if compiling fails."
+    def __init__(self, cfg: Stage1Config, dev: torch.device):
+        mode = cfg.compile if cfg.compile != "auto" else ("graph" if dev.type == "cuda" else "off")
+        self.fn, self.mode = step_loss, mode
+        if mode != "off":
+            self.fn = torch.compile(step_loss, fullgraph=True, dynamic=False, mode="reduce-overhead" if mode == "graph" and dev.type == "cuda" else None)
+        self.cfg, self.tried = cfg, mode == "off"
+
+    def __call__(self, stack, pool, step, hw, phase2) -> torch.Tensor:
+        "One step's forward and backward; the per-image loss terms `(K, 4)`."
+        if self.tried: return self._run(self.fn, stack, pool, step, hw, phase2)
+        try: out = self._run(self.fn, stack, pool, step, hw, phase2)
+        except Exception as e:                                          # a compiler missing or failing: the eager step is the same maths
+            warnings.warn(f"stage 1: compile={self.mode!r} failed ({type(e).__name__}: {str(e)[:200]}); fitting eagerly. Use compile='off' to skip.")
+            for p in stack.parameters(): p.grad = None
+            self.fn, self.tried = step_loss, True
+            return self._run(step_loss, stack, pool, step, hw, phase2)
+        self.tried = phase2                                             # each phase's first call compiles (forward and backward)
+        return out
+
+    def _run(self, fn, stack, pool, step, hw, phase2):
+        loss, terms = fn(stack, pool, step, hw, phase2, self.cfg)
+        loss.backward()
+        return terms
 
 # %% ../nbs/02c_stage1.ipynb #9354589a
-def denoise_images(backbone: nn.Module, images, size: int | tuple[int, int] | None = None, preset: str | Stage1Config = "default",
-                   seeds: list[int] | None = None, batch_images: int = 8, progress: bool = True, **config) -> list[Stage1Result]:
+def denoise_images(backbone: nn.Module,                        # as for denoise_image
+                   images,                                     # an iterable of images (tensors, PIL images or paths; a (B, 3, H, W) tensor)
+                   size: int | tuple[int, int] | None = None,  # backbone input size (None: the backbone's input_size)
+                   preset: str | Stage1Config = "default",     # "paper", "default", "smoke" or a Stage1Config
+                   seeds: list[int] | None = None,             # one seed per image (None: the config's seed for all)
+                   batch_images: int = 8,                      # images fitted together in one loop
+                   progress: bool = True,                      # show a progress bar
+                   **config) -> list[Stage1Result]:            # overrides of Stage1Config fields
     "`denoise_image` on each of `images` (with `seeds[i]`, default the config's seed), fitting `batch_images` at a time."
     cfg = stage1_config(preset, **config)
-    if size is not None: cfg = replace(cfg, size=size)
+    if size is not None: cfg = replace(cfg, size=size).validate()
     images = list(images)
     seeds = [cfg.seed] * len(images) if seeds is None else list(seeds)
     if len(seeds) != len(images): raise ValueError(f"got {len(seeds)} seeds for {len(images)} images; pass one seed per image.")
     if batch_images < 1: raise ValueError(f"batch_images={batch_images}: use batch_images >= 1.")
-    _geometry(backbone, cfg)                                                               # fail before any work
+    stage1_geometry(backbone, cfg)                                                               # fail before any work
     dev = pick_device(cfg.device)
     backbone = backbone.to(dev).eval()
     out = []
     with tqdm(total=len(images), desc="stage 1", unit="img", disable=not progress or None) as bar:
         for i in range(0, len(images), batch_images):
-            group = [_prepare(backbone, im, replace(cfg, seed=sd), dev)
+            group = [prepare_fit(backbone, im, replace(cfg, seed=sd), dev)
                      for im, sd in zip(images[i:i + batch_images], seeds[i:i + batch_images])]
-            out += _fit_prepared(group, dev); bar.update(len(group))
+            out += fit_prepared(group, dev); bar.update(len(group))
     return out
 
 # %% ../nbs/02c_stage1.ipynb #d5b8406c
@@ -339,7 +495,7 @@ def view_maps(result: Stage1Result, backbone: nn.Module, i: int) -> dict[str, to
     dev = next(iter(backbone.parameters()), next(iter(backbone.buffers()), torch.empty(0))).device
     raw = backbone(px.to(dev))[0].float().cpu() if i else result.raw
     m = result.model
-    res = m.h(raw) if result.config.steps > int(result.config.switch * result.config.steps) else torch.zeros_like(raw)
+    res = m.h(raw) if _h_used(result.config) else torch.zeros_like(raw)
     return dict(pixels=px[0], raw=raw, clean=m.F(result.views.coords[i]), artifact=m.G.table.detach().clone(), residual=res)
 
 def stage1_panel(result: Stage1Result, backbone: nn.Module, views: tuple[int, ...] = (1, 2, 3), title: str | None = None):

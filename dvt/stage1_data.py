@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from .core import pick_device
 from .contract import make_backbone
-from .stage1 import Stage1Config, stage1_config, _geometry, _prepare, _fit_prepared
+from .stage1 import Stage1Config, stage1_config, stage1_geometry as _geometry, prepare_fit as _prepare, fit_prepared as _fit_prepared
 from .runs import (RunLock, LockedError, Progress, save_tensors, safetensors_problem, check_writable, clean_temporaries,
                       disk_problem, read_json, write_json, module_fingerprint, fault_point, user_errors)
 

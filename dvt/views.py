@@ -8,14 +8,19 @@ import math
 from dataclasses import dataclass
 import torch
 from .data import resize_images
+from .contract import grid_shape
+import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['sample_crops', 'token_centres', 'grid_shape', 'ViewSet', 'view_coords', 'make_views', 'render_views']
+__all__ = ['sample_crops', 'token_centres', 'ViewSet', 'view_coords', 'make_views', 'render_views']
 
 # %% ../nbs/02a_views.ipynb #8a4be6bd
-def sample_crops(n: int, H: int, W: int, scale: tuple[float, float] = (0.1, 0.5),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), generator: torch.Generator | None = None,
-                 tries: int = 10) -> torch.Tensor:
+def sample_crops(n: int,                                       # number of boxes
+                 H: int, W: int,                               # image height and width in pixels
+                 scale: tuple[float, float] = (0.1, 0.5),      # range of the box area as a fraction of the image
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3),  # range of the aspect ratio width / height (log-uniform)
+                 generator: torch.Generator | None = None,     # a local generator (the global one is never touched if given)
+                 tries: int = 10) -> torch.Tensor:             # draws per box before falling back to the full image
     "`n` random resized-crop boxes `(n, 4)` = (top, left, height, width) in pixels of an `H x W` image."
     if n < 0: raise ValueError(f"n={n} crops asked for; use n >= 0.")
     if not 0 < scale[0] <= scale[1] <= 1: raise ValueError(f"scale={scale} must satisfy 0 < lo <= hi <= 1 (area fractions).")
@@ -38,16 +43,6 @@ def token_centres(n: int, patch_size: int, stride: int, size: int) -> torch.Tens
     "Centres `(n,)` of the `n` tokens along one side of a `size`-pixel input, as fractions in (0, 1)."
     return (torch.arange(n, dtype=torch.float64) * stride + patch_size / 2) / size
 
-def grid_shape(size: tuple[int, int], patch_size: int, stride: int) -> tuple[int, int]:
-    "The token grid `(h, w)` of an input of `size = (H, W)` pixels, or a `ValueError` naming valid sizes."
-    out = []
-    for n, what in zip(size, ("height", "width")):
-        if n < patch_size: raise ValueError(f"input {what} {n} is smaller than one patch ({patch_size} px); use a larger size.")
-        if (n - patch_size) % stride:
-            lo = patch_size + (n - patch_size) // stride * stride
-            raise ValueError(f"input {what} {n} does not fit patch {patch_size} / stride {stride}; use {lo} or {lo + stride}.")
-        out.append((n - patch_size) // stride + 1)
-    return tuple(out)
 
 # %% ../nbs/02a_views.ipynb #6d93bc42
 @dataclass
@@ -59,14 +54,22 @@ class ViewSet:
     size: tuple[int, int]  # (H, W) input size of the backbone = size of the resized image
     patch_size: int
     stride: int
+    rule: str = "centre"  # coordinate convention: "centre" (patch centres) or "linspace" (the official, corner-aligned)
 
     def __len__(self): return len(self.boxes)
     @property
     def grid(self) -> tuple[int, int]: return tuple(self.coords.shape[1:3])
 
-def view_coords(boxes: torch.Tensor, flips: torch.Tensor, size: tuple[int, int], patch_size: int, stride: int) -> torch.Tensor:
+# %% ../nbs/02a_views.ipynb #5231b07c
+def view_coords(boxes: torch.Tensor,          # (N, 4) crop boxes: top, left, height, width
+                flips: torch.Tensor,          # (N,) bool: view mirrored left-right
+                size: tuple[int, int],        # (H, W) of the resized image = the backbone's input
+                patch_size: int, stride: int, # the backbone's token geometry
+                rule: str = "centre") -> torch.Tensor:  # "centre" (patch centres) or "linspace" (the official convention)
     "Image coordinates `(N, h, w, 2)` (x, y) of every token of the views given by `boxes (N, 4)` and `flips (N,)`."
-    H, W = size; h, w = grid_shape(size, patch_size, stride)
+    H, W = size; h, w = grid_shape(H, W, patch_size, stride)
+    if rule == "linspace": return _linspace_coords(boxes, flips, size, h, w)
+    if rule != "centre": raise ValueError(f"rule={rule!r}; use 'centre' (patch centres) or 'linspace' (the official convention).")
     vy, vx = token_centres(h, patch_size, stride, H), token_centres(w, patch_size, stride, W)    # (h,), (w,)
     b = boxes.double()
     vx = torch.where(flips[:, None], 1 - vx[None], vx[None])                                    # (N, w)
@@ -74,23 +77,43 @@ def view_coords(boxes: torch.Tensor, flips: torch.Tensor, size: tuple[int, int],
     y = (b[:, 0:1] + vy[None] * b[:, 2:3]) / H                                                  # (N, h)
     return torch.stack(torch.broadcast_tensors(x[:, None, :], y[:, :, None]), -1).float()      # (N, h, w, 2)
 
-def make_views(n_views: int, size: int | tuple[int, int], patch_size: int, stride: int | None = None,
-               generator: torch.Generator | None = None, scale: tuple[float, float] = (0.1, 0.5),
-               ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5, include_full: bool = True) -> ViewSet:
+def _linspace_coords(boxes: torch.Tensor, flips: torch.Tensor, size: tuple[int, int], h: int, w: int) -> torch.Tensor:
+    "The official convention: `linspace` from a crop's first to its last pixel edge, float32; a flip mirrors x in that range."
+    out = []
+    for (t, l, bh, bw), fl in zip(boxes.tolist(), flips.tolist()):
+        x = torch.linspace(l / size[1], (l + bw) / size[1], w); y = torch.linspace(t / size[0], (t + bh) / size[0], h)
+        if fl: x = (x.max() - x) + x.min()
+        out.append(torch.stack(torch.broadcast_tensors(x[None, :], y[:, None]), -1))
+    return torch.stack(out)
+
+# %% ../nbs/02a_views.ipynb #62eedf77
+def make_views(n_views: int,                                  # random views (the full image is added as view 0)
+               size: int | tuple[int, int],                  # the backbone's input size (int: square)
+               patch_size: int,
+               stride: int | None = None,                    # None: patch_size
+               generator: torch.Generator | None = None,     # a local generator for the boxes and flips
+               scale: tuple[float, float] = (0.1, 0.5),      # box area range, as a fraction of the image
+               ratio: tuple[float, float] = (3 / 4, 4 / 3),  # box aspect-ratio range
+               flip_p: float = 0.5,                          # probability of a left-right flip
+               include_full: bool = True,                    # add the full image as view 0
+               rule: str = "centre") -> ViewSet:             # token coordinates: "centre" or "linspace" (official)
     "Sample `n_views` random resized crops (plus the full image as view 0) and their token coordinates."
     if n_views < 0 or (n_views == 0 and not include_full):
         raise ValueError(f"n_views={n_views}: stage 1 needs at least one view; use n_views >= 1.")
     size = (size, size) if isinstance(size, int) else tuple(size)
     stride = stride or patch_size
-    grid_shape(size, patch_size, stride)
+    grid_shape(*size, patch_size, stride)
     boxes = sample_crops(n_views, *size, scale=scale, ratio=ratio, generator=generator)
     flips = torch.rand(n_views, generator=generator) < flip_p
     if include_full:
         boxes = torch.cat([torch.tensor([[0, 0, size[0], size[1]]]), boxes]); flips = torch.cat([torch.tensor([False]), flips])
-    return ViewSet(boxes, flips, view_coords(boxes, flips, size, patch_size, stride), size, patch_size, stride)
+    return ViewSet(boxes, flips, view_coords(boxes, flips, size, patch_size, stride, rule), size, patch_size, stride, rule)
 
 # %% ../nbs/02a_views.ipynb #3fbb4a9f
-def render_views(image: torch.Tensor, views: ViewSet, idx: torch.Tensor | list[int] | range | None = None) -> torch.Tensor:
+def render_views(image: torch.Tensor,                               # (3, H, W) the resized image
+                 views: ViewSet,
+                 idx: torch.Tensor | list[int] | range | None = None,  # which views (default all)
+                 clamp: bool = True) -> torch.Tensor:                  # clamp the bicubic output to [0, 1] (the official code does not)
     "Pixels `(n, 3, H, W)` of the views `idx` (default all) of `image (3, H, W)`, already resized to `views.size`."
     if tuple(image.shape[-2:]) != tuple(views.size):
         raise ValueError(f"image is {tuple(image.shape[-2:])} but the views were sampled for {views.size}; resize it first.")
@@ -98,6 +121,8 @@ def render_views(image: torch.Tensor, views: ViewSet, idx: torch.Tensor | list[i
     out = []
     for i in (idx.tolist() if isinstance(idx, torch.Tensor) else idx):
         t, l, h, w = views.boxes[i].tolist()
-        v = resize_images(image[None, :, t:t + h, l:l + w], views.size)
+        v = image[None, :, t:t + h, l:l + w]
+        if (h, w) != tuple(views.size): v = F.interpolate(v, size=views.size, mode="bicubic", align_corners=False, antialias=True)
+        if clamp: v = v.clamp(0, 1)
         out.append(v.flip(-1) if views.flips[i] else v)
     return torch.cat(out)

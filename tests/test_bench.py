@@ -129,7 +129,7 @@ def test_fit_rows_call_fit_stack_and_refuse_a_silent_eager_fallback(monkeypatch)
     calls = []
     def fake(stack, y, coords, hw, cfg, seeds):
         calls.append((tuple(y.shape), list(seeds))); warnings.warn("stage 1: compile='on' failed (boom); fitting eagerly.")
-    monkeypatch.setattr(dvt.stage1, "fit_stack", fake, raising=False)
+    monkeypatch.setattr(dvt.stage1, "fit_stack", fake)
     fct.test_fail(lambda: stage1_fit_case("cpu", "float32", preset="smoke", dim=8, grid=3, views=2, steps=2, images=2),
                   contains="did not run as asked")
     fct.test_eq(calls, [((2, 2 * 9, 8), [1, 2])])

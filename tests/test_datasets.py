@@ -7,8 +7,8 @@ import torch
 import fastcore.test as fct
 from PIL import Image
 from dvt.datasets import (LAYOUTS, DATASETS, data_root, find_dataset, load_dataset, read_label, write_label, read_voc_boxes,
-                          VOCSegmentation, ADE20KSegmentation, NYUDepthV2, DAVIS2017, VOCBoxes, make_fixture_voc,
-                          make_fixture_ade, make_fixture_nyu, make_fixture_davis, make_fixtures)
+                          read_depth, VOCSegmentation, ADE20KSegmentation, NYUDepthV2, DAVIS2017, VOCBoxes, make_fixture_voc,
+                          make_fixture_ade, make_fixture_nyu, make_fixture_davis, make_fixtures, make_rehearsal_data)
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +123,71 @@ def test_label_io_rejects_colour_pngs(tmp_path):
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
     fct.test_fail(lambda: read_label(tmp_path / "rgb.png"), contains="index PNG")
     fct.test_fail(lambda: read_label(tmp_path / "missing.png"), contains="not found")
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory):
+    return make_rehearsal_data(tmp_path_factory.mktemp("rehearsal"), n=4, n_frames=3)
+
+
+def test_rehearsal_data_has_the_real_sizes_and_formats(rehearsal):
+    "Every dataset through its loader, at the real datasets' image sizes and in their file formats."
+    voc = load_dataset("voc", rehearsal, "train")
+    sizes = {tuple(voc[i][0].shape[1:]) for i in range(len(voc))}
+    fct.test_eq(sizes, {(375, 500), (500, 375)})
+    for img, lab in voc.pairs:
+        with Image.open(img) as im: assert im.format == "JPEG" and max(im.size) == 500
+        with Image.open(lab) as im: assert im.mode == "P" and im.format == "PNG"
+        y = read_label(lab); assert (y == 255).any() and (y == 0).any() and ((y > 0) & (y < 255)).any()
+    ade = load_dataset("ade", rehearsal, "training")
+    for i in range(len(ade)):
+        x, y = ade[i]; assert min(x.shape[1:]) in (384, 512) and (read_label(ade.pairs[i][1]) == 0).any() and (y == 255).any()
+    nyu = load_dataset("nyu", rehearsal, "train")
+    with Image.open(nyu.pairs[0][1]) as im: assert im.mode in ("I;16", "I") and im.size == (640, 480)
+    x, z = nyu[0]; fct.test_eq(x.shape, (3, 480, 640))
+    assert z.max() < 10 and (z[45:471, 41:601] > 0).float().mean() > 0.95 and (z[:, :8] == 0).all()   # Eigen crop inside the border
+    seq = load_dataset("davis", rehearsal)[0]
+    fct.test_eq(seq.frame(2).shape, (3, 480, 854)); fct.test_eq(seq.mask(2).shape, (480, 854))
+    with Image.open(seq.annotations[0]) as im: assert im.mode == "P"
+    assert all(len(s.objects) >= 2 for s in load_dataset("davis", rehearsal))          # multi-object masks
+    fct.test_eq([p.name for p in seq.frames], ["00000.jpg", "00001.jpg", "00002.jpg"])
+
+
+def test_lost_finds_the_fixture_objects_with_a_colour_only_feature(tmp_path):
+    "The VOC fixture's objects are salient: a feature of the patch colour alone, with no position in it, finds them."
+    from dvt.discovery import run_lost
+    from dvt.synthetic import PlantedBackbone
+    make_fixture_voc(tmp_path, n=4)
+    class ColourOnly(torch.nn.Module):                                  # a fixed function of each patch's colours
+        patch_size, stride, embed_dim = 16, 16, 64
+        def __init__(self): super().__init__(); self.pb = PlantedBackbone(patch_size=16, embed_dim=64)
+        def forward(self, x): return self.pb.parts(x)["clean"]
+    assert run_lost(ColourOnly(), tmp_path)["CorLoc"] >= 75             # 3 of the 4 images
+    class PositionOnly(torch.nn.Module):                                # the same random code at each position, whatever the image
+        patch_size, stride, embed_dim = 16, 16, 8
+        def forward(self, x):
+            return torch.randn(1, x.shape[2] // 16, x.shape[3] // 16, 8, generator=torch.Generator().manual_seed(0)).expand(len(x), -1, -1, -1)
+    assert run_lost(PositionOnly(), tmp_path)["CorLoc"] <= 25
+
+
+def test_labels_outside_the_classes_name_the_file(root, tmp_path):
+    ds = VOCSegmentation(root, "train")
+    bad = tmp_path / "bad.png"; write_label(bad, np.array([[0, 1], [40, 255]]))
+    ds.pairs = [(ds.pairs[0][0], bad)]
+    fct.test_fail(lambda: ds.label(0), contains="bad.png: label values [40]")
+    ade = ADE20KSegmentation(root, "training"); y = read_label(ade.pairs[0][1]).numpy(); y[0, 0] = 200
+    write_label(tmp_path / "ade.png", y, palette=False); ade.pairs = [(ade.pairs[0][0], tmp_path / "ade.png")]
+    fct.test_fail(lambda: ade[0], contains="ade.png: label values [200]")
+
+
+def test_depth_pngs_are_checked(tmp_path):
+    nyu = make_fixture_nyu(tmp_path, n=2)
+    ds = NYUDepthV2(tmp_path, "test"); z = ds.depth(0)
+    eight = np.clip(z.numpy() * 25.5, 0, 255).astype(np.uint8)           # the same depth as an 8-bit PNG
+    Image.fromarray(eight).save(ds.pairs[0][1])
+    fct.test_fail(lambda: ds[0], contains="8-bit depth PNG")
+    fct.test_fail(lambda: ds[0], contains="depth_scale=")
+    fct.test_close(NYUDepthV2(tmp_path, "test", depth_scale=25.5).depth(0), z, eps=0.04)   # read as it is when told the scale
+    Image.fromarray(np.zeros((480, 320), np.uint16)).save(ds.pairs[0][1])
+    fct.test_fail(lambda: ds[0], contains="differ in size")
+    fct.test_fail(lambda: read_depth(tmp_path / "none.png"), contains="not found")

@@ -110,7 +110,7 @@ def test_labels_resized_like_pil():
 
 
 def test_run_lost_limits_and_stride(tmp_path):
-    make_fixture_voc(tmp_path, n=4)
+    make_fixture_voc(tmp_path, n=4, size=(120, 160))
     for pad in ("pad", "crop"):
         r = run_lost(PlantedBackbone(stride=8), tmp_path, max_images=2, pad=pad)
         fct.test_eq(r["n_images"], 2); fct.test_eq(len(r["boxes"]), 2); fct.test_eq((r["features"], r["pad"]), ("tokens", pad))
@@ -120,7 +120,7 @@ def test_run_lost_limits_and_stride(tmp_path):
 
 
 def test_lost_runs_on_keys_of_a_timm_vit(tmp_path):
-    make_fixture_voc(tmp_path, n=2)
+    make_fixture_voc(tmp_path, n=2, size=(120, 160))
     bb = Backbone("vit_small_patch16_224", pretrained=False)
     r = run_lost(bb, tmp_path)                                           # 'auto' takes the keys of a timm ViT
     fct.test_eq(r["features"], "k"); fct.test_eq(r["n_images"], 2)
