@@ -7,12 +7,13 @@ __version__ = "0.1.0"
 __all__ = []
 
 # %% ../nbs/index.ipynb #5dea1702
-import importlib
+import importlib, importlib.util, pkgutil
 
 _API = {
     "TokenBackbone": "contract", "BackboneSpec": "contract", "check_backbone": "contract", "grid_shape": "contract",
     "BackboneWrapper": "contract", "make_backbone": "contract", "register_variant": "contract",
     "make_config": "config", "lr_schedule": "config",
+    "set_threads": "core", "WeightsUnavailable": "backbones",
     "diagnose": "diagnostics", "fit_position_remover": "diagnostics", "PositionRemover": "diagnostics",
     "Backbone": "backbones", "SEED_MODELS": "backbones", "save_backbone": "backbones",
     "load_image": "data", "sample_image": "data", "sample_images": "data",
@@ -30,9 +31,15 @@ _API = {
     "run_hummingbird": "retrieval", "run_overclustering": "retrieval",
 }
 
+# The chapters' modules (`dvt.viz`, `dvt.metrics`, ...) are attributes too, imported on first use. A public name above
+# wins over a module of the same name (`dvt.srt` is the function; its module is `dvt.resonance`).
+_MODULES = sorted(m.name for m in pkgutil.iter_modules(importlib.util.find_spec("dvt").submodule_search_locations)
+                  if not m.name.startswith("_") and m.name not in _API)
+
 def __getattr__(name: str):
-    "Resolve the top-level names of `dvt` lazily from their modules."
+    "Resolve the top-level names and the chapters' modules of `dvt` lazily."
     if name in _API: return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
+    if name in _MODULES: return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'dvt' has no attribute {name!r}")
 
-def __dir__(): return sorted([*globals(), *_API])
+def __dir__(): return sorted({*globals(), *_API, *_MODULES})

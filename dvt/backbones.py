@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_backbones.ipynb #df4be342
 from __future__ import annotations
-import difflib, inspect, json, math, types
+import contextlib, difflib, inspect, json, math, types
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -13,11 +13,12 @@ import timm
 from fastcore.basics import patch
 from timm.layers import resample_abs_pos_embed
 from .contract import dvt_input_size, grid_shape, block_index
+from .core import FixableError, fix_hint
 from .data import check_images
 
 # %% auto #0
-__all__ = ['SEED_MODELS', 'check_model_name', 'read_state_dict', 'load_into', 'create_vit', 'Backbone', 'block_outputs',
-           'check_token_budget', 'dino_resample', 'use_dino_pos_embed', 'save_backbone']
+__all__ = ['SEED_MODELS', 'check_model_name', 'read_state_dict', 'load_into', 'create_vit', 'WeightsUnavailable', 'hub_reachable',
+           'Backbone', 'block_outputs', 'check_token_budget', 'dino_resample', 'use_dino_pos_embed', 'save_backbone']
 
 # %% ../nbs/01_backbones.ipynb #efb9bc64
 SEED_MODELS = (
@@ -96,16 +97,60 @@ def create_vit(name: str, pretrained: bool = True, checkpoint: str | Path | None
     check_model_name(name)
     kw = dict(num_classes=0, dynamic_img_size=True, **kwargs)
     use_hub = pretrained and checkpoint is None
-    try: model = _create(name, use_hub, kw)
-    except Exception as e:
-        if not use_hub: raise
-        raise RuntimeError(f"could not get pretrained weights for {name!r} ({type(e).__name__}: {str(e)[:200]}). Without internet, "
-                           f"pass checkpoint='path/to/{name}.safetensors' (a file saved with dvt.backbones.save_backbone or "
-                           f"timm), or pretrained=False for random weights.") from e
+    if not use_hub: model = _create(name, False, kw)
+    else:
+        offline = _hub_offline_mode() or not hub_reachable()
+        try:
+            with _hub_offline(offline): model = _create(name, True, kw)
+        except Exception as e:
+            why = ("the Hugging Face hub cannot be reached (no network?) and they are not in the local cache" if offline
+                   else f"the download failed ({type(e).__name__}: {str(e)[:200]})")
+            raise WeightsUnavailable(name, why) from e
     if not hasattr(model, "forward_intermediates") or not hasattr(model, "patch_embed"):
         raise TypeError(f"{name!r} is not a ViT-style timm model with patch_embed and forward_intermediates; use a ViT or EVA.")
     if checkpoint is not None: load_into(model, read_state_dict(checkpoint), source=f"checkpoint {checkpoint}")
     return model.eval()
+
+# %% ../nbs/01_backbones.ipynb #23e4e55a
+class WeightsUnavailable(FixableError):
+    "Pretrained weights that cannot be had here (no network, nothing cached); the message ends with the fix for its context."
+    def __init__(self, name: str, why: str):
+        self.name = name
+        hint = fix_hint("weights", "pass pretrained=False for random weights, or checkpoint='path/to/{name}.safetensors' "
+                                   "(a file saved with dvt.save_backbone, or timm's model.safetensors)", name=name)
+        super().__init__(f"no pretrained weights for {name!r}: {why}", hint)
+
+# %% ../nbs/01_backbones.ipynb #4ddd5554
+def hub_reachable(timeout: float = 3.0) -> bool:
+    "Whether the Hugging Face hub (`$HF_ENDPOINT`, or the HTTPS proxy that serves it) accepts a TCP connection within `timeout` s."
+    import socket, threading, urllib.request
+    from urllib.parse import urlsplit
+    from huggingface_hub import constants
+    host = urlsplit(constants.ENDPOINT).hostname or ""
+    proxy = None if urllib.request.proxy_bypass(host) else urllib.request.getproxies().get("https")
+    u = urlsplit(proxy if proxy and "://" in proxy else f"http://{proxy}" if proxy else constants.ENDPOINT)
+    port, ok = u.port or (443 if u.scheme == "https" else 80), []
+    def probe():  # in a thread: name resolution has no timeout of its own
+        try:
+            with socket.create_connection((u.hostname, port), timeout=timeout): ok.append(True)
+        except OSError: pass
+    t = threading.Thread(target=probe, daemon=True); t.start(); t.join(timeout + 0.5)
+    return bool(ok)
+
+# %% ../nbs/01_backbones.ipynb #e34c693f
+def _hub_offline_mode() -> bool:
+    "Whether huggingface_hub runs offline (`HF_HUB_OFFLINE=1`)."
+    from huggingface_hub import constants
+    return bool(constants.HF_HUB_OFFLINE)
+
+@contextlib.contextmanager
+def _hub_offline(on: bool = True):
+    "Within the block, huggingface_hub serves its cache only (no retries against an unreachable hub); restored after."
+    from huggingface_hub import constants
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = old or on
+    try: yield
+    finally: constants.HF_HUB_OFFLINE = old
 
 # %% ../nbs/01_backbones.ipynb #2f141d8d
 class Backbone(nn.Module):

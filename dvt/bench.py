@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, shlex, sys
 from pathlib import Path
 import torch
-from .core import repo_root
+from .core import add_threads_arg, repo_root, set_threads
 from .bench_timing import Timing, machine_info, peak_memory, sync, time_fn, time_fns, time_limit
 from .bench_roofline import DevicePeaks, count_flops, floor_seconds, measure_peaks, tensor_bytes
 from .bench_registry import (BENCH_PROFILES, CASE_SOURCES, DTYPES, PROFILE_DEFAULTS, BenchCase, NotAvailable, Workload,
@@ -40,12 +40,14 @@ def bench_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dry-run", action="store_true", help="write the planned rows as 'not measured' without running them")
     ap.add_argument("--reason", default="", help="with --dry-run: why the rows are not measured")
     ap.add_argument("--list", action="store_true", help="print the planned rows and exit")
+    add_threads_arg(ap)
     return ap
 
 # %% ../nbs/06_bench.ipynb #dacbd6ea
 def bench_cli(argv: list[str] | None = None):
     "Console entry point `dvt_bench`: time dvt's stages and write benchmarks/results_<profile>.csv and .md; exit 1 if a row failed."
     a = bench_parser().parse_args(argv)
+    set_threads(a.threads)
     profile = a.profile or ("gpu" if a.device != "cpu" and torch.cuda.is_available() else "cpu")
     sources = (*CASE_SOURCES, *a.cases_from)
     cases = [*a.case, *(c.name for s in a.cases_from for c in load_cases([s]).values())] if a.case else []

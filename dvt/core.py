@@ -4,14 +4,16 @@
 
 # %% ../nbs/00_core.ipynb #3700fc09
 from __future__ import annotations
-import os, random, subprocess, sys, argparse
+import os, random, subprocess, sys, argparse, contextlib, contextvars, functools, json
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['PROFILES', 'SMOKE_LABEL', 'ARTEFACT_NOTEBOOKS', 'repo_root', 'figures_dir', 'tables_dir', 'seed_everything',
-           'pick_device', 'check_profile', 'artefact_notebooks', 'reproduce', 'reproduce_cli']
+__all__ = ['PROFILES', 'SMOKE_LABEL', 'ARTEFACT_NOTEBOOKS', 'REPRODUCE_WEIGHTS_FIX', 'repo_root', 'figures_dir', 'tables_dir',
+           'seed_everything', 'pick_device', 'default_threads', 'set_threads', 'add_threads_arg', 'FixableError',
+           'fix_hint', 'command', 'check_profile', 'artefact_notebooks', 'reproduce', 'check_parameters',
+           'reproduce_cli']
 
 # %% ../nbs/00_core.ipynb #c839b26c
 def repo_root(start: str | Path | None = None) -> Path:
@@ -45,6 +47,56 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
         raise RuntimeError(f"device={str(device)!r} was asked for but CUDA is not available here; pass device='cpu' or 'auto'.")
     return dev
 
+# %% ../nbs/00_core.ipynb #fe33183b
+def default_threads() -> int:
+    "Torch CPU threads for small CPU work: half the cores this process may use, between 1 and 4."
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, n // 2))
+
+def set_threads(n: int | None = None) -> int:
+    "Set torch's CPU threads to `n`, else `$DVT_THREADS`, else `$OMP_NUM_THREADS`, else `default_threads()`; return it."
+    if n is None:
+        for var in ("DVT_THREADS", "OMP_NUM_THREADS"):
+            if os.environ.get(var):
+                try: n = int(os.environ[var]); break
+                except ValueError: raise ValueError(f"${var}={os.environ[var]!r} is not a whole number of threads; unset it or set e.g. {var}=1.") from None
+        else: n = default_threads()
+    if n < 1: raise ValueError(f"threads={n}: use 1 or more (e.g. --threads 1).")
+    torch.set_num_threads(n); return n
+
+# %% ../nbs/00_core.ipynb #8c442395
+def add_threads_arg(ap: argparse.ArgumentParser) -> None:
+    "Add the `--threads` option every console command shares (apply it with `set_threads(args.threads)`)."
+    ap.add_argument("--threads", type=int, default=None, metavar="N",
+                    help=f"torch CPU threads (default: $DVT_THREADS, else $OMP_NUM_THREADS, else half the cores, 1 to 4: {default_threads()} here)")
+
+# %% ../nbs/00_core.ipynb #9dc471bc
+class FixableError(RuntimeError):
+    "An error about the setup (not a bug) whose message ends with `hint`, the fix; commands print it without a traceback."
+    def __init__(self, problem: str, hint: str):
+        self.problem, self.hint = problem, hint
+        super().__init__(f"{problem}. Fix: {hint}")
+
+_FIXES: contextvars.ContextVar[dict] = contextvars.ContextVar("dvt_fixes", default={})
+
+def fix_hint(what: str, default: str, **fields) -> str:
+    "The fix for problem `what` in the current context (a command's flags, `$DVT_<WHAT>_FIX`) or `default`, formatted with `fields`."
+    hint = _FIXES.get().get(what) or os.environ.get(f"DVT_{what.upper()}_FIX") or default
+    return hint.format(**fields)
+
+# %% ../nbs/00_core.ipynb #61709728
+def command(prog: str, **fixes: str):
+    "Decorate a console entry point: inside it `fix_hint` names `fixes` (the command's flags); a `FixableError` exits with its message."
+    def deco(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            token = _FIXES.set({**_FIXES.get(), **fixes})
+            try: return fn(*args, **kwargs)
+            except FixableError as e: raise SystemExit(f"{prog}: error: {e}") from e
+            finally: _FIXES.reset(token)
+        return run
+    return deco
+
 # %% ../nbs/00_core.ipynb #5e4f9259
 PROFILES = ("smoke", "full")
 SMOKE_LABEL = "smoke — not the paper's numbers"
@@ -70,34 +122,88 @@ def _drop_widget_state(path: Path) -> None:
     nb = nbformat.read(str(path), as_version=4)
     if nb.metadata.pop("widgets", None) is not None: nbformat.write(nb, str(path))
 
-def reproduce(profile: str = "smoke", out: str | Path | None = None, notebooks: list[str] | None = None,
-              timeout: int = 3600) -> list[Path]:
+def reproduce(profile: str = "smoke",                    # "smoke" (CPU, minutes) or "full" (GPU, weights, datasets)
+              out: str | Path | None = None,             # folder for the executed notebooks (default runs/<profile>)
+              notebooks: list[str] | None = None,        # names in nbs/ (default: `artefact_notebooks()`)
+              timeout: int = 3600,                       # seconds per cell
+              parameters: dict | None = None,            # more notebook parameters, e.g. {"checkpoints": {name: path}}
+              env: dict[str, str] | None = None,         # environment variables for the notebooks' kernels
+             ) -> list[Path]:
     "Run the artefact notebooks with papermill under `profile`; return the executed notebooks' paths."
     import papermill as pm
     check_profile(profile); root = repo_root()
     if not (root / "nbs").is_dir(): raise FileNotFoundError(f"no nbs/ folder under {root}: run dvt_reproduce inside a dvt checkout.")
     out = Path(out or root / "runs" / profile); out.mkdir(parents=True, exist_ok=True)
     nbs = [root / "nbs" / n for n in notebooks] if notebooks else artefact_notebooks(root)
+    params = {**(parameters or {}), "profile": profile}
+    for nb in nbs: check_parameters(nb, params)
     done = []
     for nb in nbs:
         print(f"[dvt_reproduce] {nb.name} (profile={profile}) -> {out / nb.name}", flush=True)
-        pm.execute_notebook(str(nb), str(out / nb.name), parameters={"profile": profile}, kernel_name="python3",
-                            cwd=str(root / "nbs"), progress_bar=False, execution_timeout=timeout)
+        with _environ(env or {}):
+            pm.execute_notebook(str(nb), str(out / nb.name), parameters=params, kernel_name="python3",
+                                cwd=str(root / "nbs"), progress_bar=False, execution_timeout=timeout)
         _drop_widget_state(out / nb.name)
         done.append(out / nb.name)
     return done
 
+# %% ../nbs/00_core.ipynb #f717c5f9
+def check_parameters(notebook: Path, params: dict) -> None:
+    "Raise a `ValueError` if `params` holds a name that `notebook`'s parameters cell does not define (with close matches)."
+    import difflib, papermill as pm
+    known = pm.inspect_notebook(str(notebook))
+    for k in params:
+        if k not in known:
+            close = difflib.get_close_matches(k, known, n=3)
+            raise ValueError(f"{notebook.name} has no parameter {k!r}{f' (did you mean {close}?)' if close else ''}; it takes {sorted(known)}.")
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]):
+    "Set environment variables for the duration of the block (kernels started inside inherit them)."
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    try: yield
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
 # %% ../nbs/00_core.ipynb #1de8679a
+def _literal(v: str):
+    "A `-p` value: a JSON or Python literal (numbers, True/true, None/null, lists, dicts), else the string itself."
+    import ast
+    for parse in (json.loads, ast.literal_eval):
+        try: return parse(v)
+        except (ValueError, SyntaxError): pass
+    return v
+
+REPRODUCE_WEIGHTS_FIX = """pass local weights with -p checkpoints '{{"{name}": "path/to/{name}.safetensors"}}'"""
+
+@command("dvt_reproduce")
 def reproduce_cli(argv: list[str] | None = None):
-    "Console entry point `dvt_reproduce`: regenerate every table and figure (smoke profile by default)."
+    "Regenerate every table and figure of both papers: run the artefact notebooks with papermill (smoke profile by default)."
     ap = argparse.ArgumentParser(prog="dvt_reproduce", description=reproduce_cli.__doc__)
     ap.add_argument("--profile", default="smoke", choices=PROFILES, help="smoke: CPU, minutes; full: GPU, weights, datasets")
     ap.add_argument("--out", default=None, help="folder for the executed notebooks (default runs/<profile>)")
     ap.add_argument("--notebook", action="append", default=None, help="run only this notebook of nbs/ (repeatable)")
+    ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="""a notebook parameter (repeatable; VALUE: a JSON or Python literal, else a string), e.g. -p checkpoints '{"vit_base_patch14_dinov2.lvd142m": "w.safetensors"}'""")
     ap.add_argument("--golden", action="store_true",
                     help="deliberately regenerate the nbval golden notebooks under tests/golden/ (smoke profile)")
+    add_threads_arg(ap)
     a = ap.parse_args(argv)
     if a.golden:
         if a.profile != "smoke": ap.error("--golden regenerates the smoke-profile goldens; drop --profile full")
         a.out = repo_root() / "tests" / "golden"
-    for p in reproduce(a.profile, a.out, a.notebook): print(f"[dvt_reproduce] wrote {p}")
+    threads = str(set_threads(a.threads))  # this process; the kernels get it through the environment
+    env = {"DVT_THREADS": threads, "OMP_NUM_THREADS": threads, "DVT_WEIGHTS_FIX": REPRODUCE_WEIGHTS_FIX}
+    params = {k: _literal(v) for k, v in a.parameter}
+    if "profile" in params: ap.error("set the profile with --profile, not -p profile")
+    try:
+        for nb in ([repo_root() / "nbs" / n for n in a.notebook] if a.notebook else artefact_notebooks()): check_parameters(nb, params)
+    except (ValueError, FileNotFoundError) as e: ap.error(str(e))
+    try: paths = reproduce(a.profile, a.out, a.notebook, parameters=params, env=env)
+    except Exception as e:  # a setup error inside a notebook (e.g. no weights offline): its message, not the traceback
+        if type(e).__name__ != "PapermillExecutionError" or e.ename not in ("WeightsUnavailable", "FixableError"): raise
+        raise SystemExit(f"dvt_reproduce: error: {e.evalue}") from None
+    for p in paths: print(f"[dvt_reproduce] wrote {p}")

@@ -339,6 +339,8 @@ def train_denoiser(pairs: str | Path, out_dir: str | Path,
     return den.eval()
 
 # %% ../nbs/03_denoiser.ipynb #9c2b6416
+from .core import set_threads
+
 def train_denoiser_cli(argv: list[str] | None = None):
     "Train DVT's stage-2 denoiser on a folder of stage-1 pairs; writes OUT/denoiser.safetensors (torchrun for several GPUs)."
     ap = argparse.ArgumentParser(prog="dvt_train_denoiser", description=train_denoiser_cli.__doc__, epilog=TRAIN_EPILOG,
@@ -347,6 +349,7 @@ def train_denoiser_cli(argv: list[str] | None = None):
     ap.add_argument("out", help="output folder: denoiser.safetensors + denoiser.json + train_state.safetensors + loss.png")
     add_train_args(ap, DENOISER_PRESETS)
     a = ap.parse_args(argv)
+    set_threads(a.threads)
     with user_errors("dvt_train_denoiser"), distributed_run(a.device) as device:
         train_denoiser(a.pairs, a.out, config_from_args(DENOISER_PRESETS, a), device=device, resume=not a.no_resume,
                        progress=not a.no_progress, workers=a.workers, curve=None if a.curve == "none" else a.curve,

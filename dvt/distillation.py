@@ -208,6 +208,9 @@ def distill_denoised(model: str, denoiser, images, out_dir: str | Path,
     return student.eval()
 
 # %% ../nbs/03a_distill.ipynb #86c269f2
+from .core import command, set_threads
+
+@command("dvt_distill", weights="use --random-init for random ViT weights, or --checkpoint path/to/{name}.safetensors")
 def distill_cli(argv: list[str] | None = None):
     "Fine-tune a timm ViT so its tokens match the ViT + a DVT denoiser (DVT's stage 3) on an image folder (torchrun for several GPUs)."
     ap = argparse.ArgumentParser(prog="dvt_distill", description=distill_cli.__doc__, epilog=TRAIN_EPILOG + """
@@ -224,6 +227,7 @@ Unreadable images are skipped by name (a line on stderr) and the next readable i
     ap.add_argument("--epochs", type=float, default=None, help="override the preset's length in epochs")
     add_train_args(ap, DISTILL_PRESETS)
     a = ap.parse_args(argv)
+    set_threads(a.threads)
     with user_errors("dvt_distill"), distributed_run(a.device) as device:
         distill_denoised(a.model, a.denoiser, a.images, a.out, config_from_args(DISTILL_PRESETS, a), checkpoint=a.checkpoint,
                          pretrained=not a.random_init, folder=a.folder, size=a.size, device=device, resume=not a.no_resume,

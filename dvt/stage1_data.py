@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from .core import pick_device
 from .contract import make_backbone
-from .stage1 import Stage1Config, stage1_config, stage1_geometry as _geometry, prepare_fit as _prepare, fit_prepared as _fit_prepared
+from .stage1 import Stage1Config, stage1_config, stage1_geometry, prepare_fit, fit_prepared
 from .runs import (RunLock, LockedError, Progress, save_tensors, safetensors_problem, check_writable, clean_temporaries,
                       disk_problem, read_json, write_json, module_fingerprint, fault_point, user_errors)
 
@@ -137,7 +137,7 @@ def denoise_folder(source, out_dir: str | Path, backbone: nn.Module,
     i, n = shard if isinstance(shard, tuple) else parse_shard(shard)
     mine, out = images[i::n], Path(out_dir)
     prepare_out(out, run_config(backbone, cfg, preset), overwrite)
-    _geometry(backbone, cfg)                                        # a bad size fails here, not once per image
+    stage1_geometry(backbone, cfg)                                        # a bad size fails here, not once per image
     dev = pick_device(cfg.device)
     backbone = backbone.to(dev).eval()                              # note: moves the caller's module and sets eval mode
     run = _FolderRun(out, backbone, cfg, dev, overwrite, batch_images, Progress(len(mine), f"dvt_denoise {i}/{n}",
@@ -182,7 +182,7 @@ class _FolderRun:
             if (claim := _claim(self.out, p)) is None: self.tick("busy", p, "being computed by another process"); continue
             if not self.overwrite and _done(self.out, p): claim.release(); self.tick("skipped", p); continue
             clean_temporaries(self.out, [f"{p.stem}.safetensors"])  # a killed run's half-written file of this image
-            try: ready.append((p, _prepare(self.bb, p, replace(self.cfg, seed=image_seed(self.cfg.seed, p.stem)), self.dev), claim))
+            try: ready.append((p, prepare_fit(self.bb, p, replace(self.cfg, seed=image_seed(self.cfg.seed, p.stem)), self.dev), claim))
             except (KeyboardInterrupt, SystemExit): raise
             except Exception as e: claim.release(); self.tick("failed", p, f"{type(e).__name__}: {e}")
             if len(ready) == self.k: self.flush(ready); ready = []
@@ -195,7 +195,7 @@ from fastcore.basics import patch
 def flush(self: _FolderRun, ready: list):
     "Fit the prepared images together and write each; release their claims."
     try:
-        try: results = _fit_prepared([r for _, r, _ in ready], self.dev)
+        try: results = fit_prepared([r for _, r, _ in ready], self.dev)
         except (KeyboardInterrupt, SystemExit): raise
         except Exception as e:
             for p, _, _ in ready: self.tick("failed", p, f"{type(e).__name__}: {e}")
@@ -225,6 +225,8 @@ def _backbone_options(a: argparse.Namespace) -> dict:
     return opts
 
 # %% ../nbs/02d_stage1_data.ipynb #f3c54548
+from .core import add_threads_arg, command, set_threads
+
 DENOISE_EPILOG = """Killed and rerun: rerunning the same command skips every image whose output file is complete (its
 header and size are checked; a truncated or empty file is recomputed), removes the killed run's temporary files, and
 computes the rest; the outputs equal those of an uninterrupted run. Several processes may share one --out, with or
@@ -233,6 +235,7 @@ that change the numbers is refused (--overwrite recomputes everything). A full o
 written with the reason, stops the run, and keeps every finished image. Exit status: 0 when every image of the shard
 is done or being done by another process, 1 when some failed, 2 on a setting or folder error."""
 
+@command("dvt_denoise", weights="use --random-init for random weights, or --checkpoint path/to/{name}.safetensors")
 def denoise_folder_cli(argv: list[str] | None = None):
     "Run DVT's stage 1 on a folder or list of images and write one (raw, clean) token pair per image (resumable, sharded)."
     ap = argparse.ArgumentParser(prog="dvt_denoise", description=denoise_folder_cli.__doc__, epilog=DENOISE_EPILOG,
@@ -247,7 +250,7 @@ def denoise_folder_cli(argv: list[str] | None = None):
         if getattr(a, k) is not None: overrides[k] = getattr(a, k)
     if "device" not in overrides and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         overrides["device"] = f"cuda:{os.environ['LOCAL_RANK']}"
-    if a.threads: torch.set_num_threads(a.threads)
+    set_threads(a.threads)
     with user_errors("dvt_denoise"):
         stage1_config(a.preset, **overrides)                         # bad settings fail before the model loads
         bb = make_backbone(a.model, **_backbone_options(a))
@@ -277,7 +280,7 @@ def _add_denoise_args(ap: argparse.ArgumentParser):
     ap.add_argument("--batch-images", type=int, default=1,
                     help="images whose fields are fitted together in one loop (default 1; 8 on a GPU, memory permitting)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar or per-image lines")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_arg(ap)
 
 def _summary(rep: dict, secs: float):
     "Print the run's totals, mean timings, failures and why it stopped."

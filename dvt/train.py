@@ -289,6 +289,8 @@ def plot_loss(history: list[float], path: str | Path, title: str = "training los
     return path
 
 # %% ../nbs/02f_train.ipynb #74ae391c
+from .core import add_threads_arg
+
 TRAIN_EPILOG = """Killed and rerun: rerunning the same command resumes from the last checkpoint in OUT (train_state.safetensors,
 written atomically every --save-every steps with the optimiser, schedule position and random-generator state) and ends
 with the weights an uninterrupted run gives. A finished run trains nothing more and rewrites its final weights. A rerun
@@ -297,12 +299,13 @@ refused while the first one lives; a killed run leaves no lock behind. The outpu
 a full disk stops the run with the previous checkpoint intact."""
 
 def add_train_args(ap: argparse.ArgumentParser, presets: dict) -> argparse.ArgumentParser:
-    "Add the shared training options (preset, overrides, device, workers, resume, progress, curve) to `ap`."
+    "Add the shared training options (preset, overrides, device, workers, threads, resume, progress, curve) to `ap`."
     ap.add_argument("--preset", default="paper", choices=list(presets), help="paper: DVT's recipe; smoke: a CPU check")
     for k, t in (("steps", int), ("batch-size", int), ("blr", float), ("save-every", int), ("seed", int)):
         ap.add_argument(f"--{k}", type=t, default=None, help="override the preset")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: this process's GPU, else CPU)")
     ap.add_argument("--workers", type=int, default=0, help="data loader processes")
+    add_threads_arg(ap)
     ap.add_argument("--no-resume", action="store_true", help="start over even if OUT holds a checkpoint")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     ap.add_argument("--curve", default="auto", help="loss curve PNG (default: OUT/loss.png; 'none' for none)")

@@ -16,7 +16,8 @@ from matplotlib.figure import Figure
 from .core import figures_dir
 
 # %% auto #0
-__all__ = ['PCAStats', 'pca_rgb', 'norm_map', 'similarity_map', 'kmeans_map', 'upsample_map', 'panel', 'save_figure']
+__all__ = ['PCAStats', 'pca_rgb', 'joint_pca_rgb', 'norm_map', 'similarity_map', 'kmeans_map', 'upsample_map', 'panel',
+           'save_figure']
 
 # %% ../nbs/01b_viz.ipynb #71b982eb
 def _check_features(features, name: str = "features") -> torch.Tensor:
@@ -66,6 +67,20 @@ def pca_rgb(features: torch.Tensor, m: float = 2.0, stats: PCAStats | None = Non
         raise ValueError(f"stats were fitted on {stats.components.shape[0]}-dim features; these have {X.shape[1]}.")
     y = (X - stats.mean) @ stats.components
     rgb = ((y - stats.lo) / (stats.hi - stats.lo).clamp_min(1e-8)).clamp(0, 1).reshape(*x.shape[:-1], 3)
+    return (rgb, stats) if return_stats else rgb
+
+# %% ../nbs/01b_viz.ipynb #4ce687cc
+def joint_pca_rgb(features: list[torch.Tensor], m: float = 2.0, center: bool = False, return_stats: bool = False):
+    "Robust PCA→RGB of several `(h, w, C)` / `(B, h, w, C)` maps (any grids, one C) with ONE fit on all their tokens."
+    if not isinstance(features, (list, tuple)) or not features:
+        raise ValueError("features must be a non-empty list of (h, w, C) or (B, h, w, C) tensors, e.g. [raw, denoised].")
+    xs = [_check_features(f, f"features[{i}]") for i, f in enumerate(features)]
+    C = xs[0].shape[-1]
+    for i, x in enumerate(xs):
+        if x.shape[-1] != C: raise ValueError(f"features[{i}] has {x.shape[-1]} channels, features[0] {C}: a joint PCA needs one feature space.")
+    if center: xs = [x - x.reshape(-1, C).mean(0) for x in xs]
+    _, stats = pca_rgb(torch.cat([x.reshape(-1, C) for x in xs])[None], m=m, return_stats=True)  # (1, N, C): all tokens
+    rgb = [pca_rgb(x, stats=stats) for x in xs]
     return (rgb, stats) if return_stats else rgb
 
 # %% ../nbs/01b_viz.ipynb #ffe6deb0
