@@ -80,7 +80,7 @@ def backbone_case(device, # where the row runs
     bb = bench_backbone(model, device, dtype)
     x = rand_images(batch, size, device)
     def fn():
-        with torch.inference_mode(): return bb(x)
+        with torch.no_grad(): return bb(x)
     y = fn()
     return Workload(fn, batch, "images", shapes(x, y), modules=(bb,), inputs=(x,), dtype=weights_dtype(model, dtype))
 
@@ -108,7 +108,7 @@ def denoised_case(device, # where the row runs
     db = DenoisedBackbone(bb, den.to(device, DTYPES[dtype]).eval().requires_grad_(False))
     x = rand_images(batch, size, device)
     def fn():
-        with torch.inference_mode(): return db(x)
+        with torch.no_grad(): return db(x)
     y = fn()
     return Workload(fn, batch, "images", shapes(x, y), modules=(db,), inputs=(x,), dtype=weights_dtype(model, dtype))
 
@@ -309,7 +309,7 @@ def srt_plain_case(device, # where the row runs
     bb, x, n = bench_backbone(model, device, dtype), rand_images(images, size, device), (2 * radius + 1) ** 2
     order = torch.arange(images * n, device=device) // n                                   # image of each of the B·N views
     def fn():
-        with torch.inference_mode():
+        with torch.no_grad():
             for c in range(0, len(order), batch): y = bb(x[order[c:c + batch]])
         return y
     y = fn()
