@@ -9,6 +9,7 @@ from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Callable
+from fastcore.basics import patch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,9 +23,9 @@ from .train import (TrainConfig, StepSampler, step_loader, fit, dist_info, distr
                        config_from_args, TRAIN_EPILOG)
 
 # %% auto #0
-__all__ = ['OFFICIAL_REPO', 'OFFICIAL_FOLDERS', 'OFFICIAL_DISTILLED', 'DENOISER_PRESETS', 'Denoiser', 'pos_embed_for',
-           'DenoisedBackbone', 'save_denoiser', 'load_denoiser_state', 'load_denoiser', 'official_file',
-           'load_official', 'token_loss', 'PairFolder', 'pair_shapes', 'train_denoiser', 'train_denoiser_cli']
+__all__ = ['OFFICIAL_REPO', 'OFFICIAL_FOLDERS', 'OFFICIAL_DISTILLED', 'DENOISER_PRESETS', 'Denoiser', 'DenoisedBackbone',
+           'save_denoiser', 'load_denoiser_state', 'load_denoiser', 'official_file', 'load_official', 'token_loss',
+           'PairFolder', 'pair_shapes', 'train_denoiser', 'train_denoiser_cli']
 
 # %% ../nbs/03_denoiser.ipynb #b5bb212d
 def _num_heads(embed_dim: int) -> int:
@@ -57,12 +58,14 @@ class Denoiser(nn.Module):
     def extra_repr(self): return f"embed_dim={self.embed_dim}, grid={self.grid}, num_heads={self.num_heads}"
 
 # %% ../nbs/03_denoiser.ipynb #d2b7f717
+@patch
 def pos_embed_for(self: Denoiser, h: int, w: int) -> torch.Tensor:
     "The positional embedding `(1, h*w, C)` resized from the training grid to an `h x w` grid."
     if (h, w) == self.grid: return self.pos_embed
     return resample_abs_pos_embed(self.pos_embed, new_size=(h, w), old_size=self.grid, num_prefix_tokens=0)
 
-def _denoiser_forward(self: Denoiser, x: torch.Tensor) -> torch.Tensor:
+@patch
+def forward(self: Denoiser, x: torch.Tensor) -> torch.Tensor:
     "Denoised tokens `(B, h, w, C)` from raw tokens `(B, h, w, C)`."
     if x.ndim != 4 or x.shape[-1] != self.embed_dim:
         raise ValueError(f"Denoiser expects raw tokens (B, h, w, {self.embed_dim}); got {tuple(x.shape)}. "
@@ -72,8 +75,6 @@ def _denoiser_forward(self: Denoiser, x: torch.Tensor) -> torch.Tensor:
     pe = self.pos_embed_for(h, w)
     y = self.block(x.reshape(B, h * w, C).to(pe.dtype) + pe)  # computes in the denoiser's dtype (or autocast's)
     return y.reshape(B, h, w, C).to(x.dtype)
-
-Denoiser.pos_embed_for, Denoiser.forward = pos_embed_for, _denoiser_forward
 
 # %% ../nbs/03_denoiser.ipynb #b6f47d04
 class DenoisedBackbone(BackboneWrapper):
@@ -96,7 +97,8 @@ class DenoisedBackbone(BackboneWrapper):
     def extra_repr(self): return f"name={self.name!r}"
 
 # %% ../nbs/03_denoiser.ipynb #ed9a1060
-def _db_features(self: DenoisedBackbone, images: torch.Tensor, layers: list[int] | None = None, prefix: bool = False):
+@patch
+def features(self: DenoisedBackbone, images: torch.Tensor, layers: list[int] | None = None, prefix: bool = False):
     "Like `Backbone.features`, denoised; `layers` may only name the denoised layer; prefix tokens `(B, P, C)` stay raw."
     if layers is not None:
         idx = [self.backbone.block_index(l) for l in layers] if hasattr(self.backbone, "block_index") else list(layers)
@@ -111,11 +113,10 @@ def _db_features(self: DenoisedBackbone, images: torch.Tensor, layers: list[int]
     toks = [self.denoiser(t) for t in toks] if layers is not None else self.denoiser(toks)
     return (toks, pre) if prefix else toks
 
-def _db_prefix_tokens(self: DenoisedBackbone, images: torch.Tensor) -> torch.Tensor:
+@patch
+def prefix_tokens(self: DenoisedBackbone, images: torch.Tensor) -> torch.Tensor:
     "The backbone's raw prefix tokens `(B, P, C)` (CLS, registers)."
     return self.backbone.prefix_tokens(images)
-
-DenoisedBackbone.features, DenoisedBackbone.prefix_tokens = _db_features, _db_prefix_tokens
 
 # %% ../nbs/03_denoiser.ipynb #6d824b7e
 def save_denoiser(denoiser: Denoiser, path: str | Path, **meta) -> Path:
@@ -300,8 +301,6 @@ def _model_name(cfg: dict, first: Path) -> str | None:
     with safe_open(str(first), "pt") as f: return (f.metadata() or {}).get("model")
 
 # %% ../nbs/03_denoiser.ipynb #b0fa27de
-from fastcore.basics import patch
-
 @patch
 def fingerprint(self: PairFolder) -> str:
     "`sha256:<hex>` of the pairs' names and sizes, the stage-1 `config.json`, and the bytes of the first and last pair."
