@@ -430,7 +430,7 @@ def probe_memory_estimate(cfg,                    # the probe's settings (its ba
                          ) -> int:
     "Bytes of one training step's head-side tensors: features, the upsampled maps and the full-size logits, with gradients."
     B, (H, W) = cfg.batch_size, size
-    h, w = (H - p) // s + 1, (W - p) // s + 1
+    h, w = grid_shape(H, W, p, s)
     feats = B * h * w * in_dim * 4                                   # float32 features (no grad)
     up = B * in_dim * (upsample * h) * (upsample * w) * 4 if upsample > 1 else 0   # the x4 map the depth head keeps
     copies = 6 if upsample > 1 else 3                                # the bins head keeps ReLU, weights, normalised weights
