@@ -306,7 +306,7 @@ def fingerprint(self: PairFolder) -> str:
     "`sha256:<hex>` of the pairs' names and sizes, the stage-1 `config.json`, and the bytes of the first and last pair."
     h = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
     for f in self.files: h.update(f"{f.name}:{f.stat().st_size};".encode())
-    for f in {self.files[0], self.files[-1]}: h.update(f.read_bytes())
+    for f in dict.fromkeys((self.files[0], self.files[-1])): h.update(f.read_bytes())   # ordered: a set's order varies per process
     return "sha256:" + h.hexdigest()
 
 # %% ../nbs/03_denoiser.ipynb #3544f92d
