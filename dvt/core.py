@@ -71,8 +71,8 @@ def _drop_widget_state(path: Path) -> None:
     if nb.metadata.pop("widgets", None) is not None: nbformat.write(nb, str(path))
 
 def reproduce(profile: str = "smoke", out: str | Path | None = None, notebooks: list[str] | None = None,
-              timeout: int = 3600) -> list[Path]:
-    "Run the artefact notebooks with papermill under `profile`; return the executed notebooks' paths."
+              timeout: int = 3600, parameters: dict | None = None) -> list[Path]:
+    "Run the artefact notebooks with papermill under `profile` (and papermill `parameters`); return the executed notebooks' paths."
     import papermill as pm
     check_profile(profile); root = repo_root()
     if not (root / "nbs").is_dir(): raise FileNotFoundError(f"no nbs/ folder under {root}: run dvt_reproduce inside a dvt checkout.")
@@ -81,7 +81,7 @@ def reproduce(profile: str = "smoke", out: str | Path | None = None, notebooks: 
     done = []
     for nb in nbs:
         print(f"[dvt_reproduce] {nb.name} (profile={profile}) -> {out / nb.name}", flush=True)
-        pm.execute_notebook(str(nb), str(out / nb.name), parameters={"profile": profile}, kernel_name="python3",
+        pm.execute_notebook(str(nb), str(out / nb.name), parameters={**(parameters or {}), "profile": profile}, kernel_name="python3",
                             cwd=str(root / "nbs"), progress_bar=False, execution_timeout=timeout)
         _drop_widget_state(out / nb.name)
         done.append(out / nb.name)
@@ -94,10 +94,23 @@ def reproduce_cli(argv: list[str] | None = None):
     ap.add_argument("--profile", default="smoke", choices=PROFILES, help="smoke: CPU, minutes; full: GPU, weights, datasets")
     ap.add_argument("--out", default=None, help="folder for the executed notebooks (default runs/<profile>)")
     ap.add_argument("--notebook", action="append", default=None, help="run only this notebook of nbs/ (repeatable)")
+    ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="papermill parameter passed to the notebooks, e.g. -p data_root /data -p compute True "
+                         "-p checkpoints '{\"vit_base_patch14_dinov2.lvd142m\": \"w.safetensors\"}' (JSON or Python literals)")
     ap.add_argument("--golden", action="store_true",
                     help="deliberately regenerate the nbval golden notebooks under tests/golden/ (smoke profile)")
     a = ap.parse_args(argv)
     if a.golden:
         if a.profile != "smoke": ap.error("--golden regenerates the smoke-profile goldens; drop --profile full")
         a.out = repo_root() / "tests" / "golden"
-    for p in reproduce(a.profile, a.out, a.notebook): print(f"[dvt_reproduce] wrote {p}")
+    params = {k: _literal(v) for k, v in a.parameter}
+    if "profile" in params: ap.error("set the profile with --profile, not -p profile")
+    for p in reproduce(a.profile, a.out, a.notebook, parameters=params): print(f"[dvt_reproduce] wrote {p}")
+
+def _literal(v: str):
+    "A `-p` value: a JSON or Python literal (numbers, True/true, None/null, lists, dicts), else the string itself."
+    import ast, json
+    for parse in (json.loads, ast.literal_eval):
+        try: return parse(v)
+        except (ValueError, SyntaxError): pass
+    return v
