@@ -10,6 +10,9 @@ __all__ = []
 import importlib
 
 _API = {
+    "TokenBackbone": "contract", "BackboneSpec": "contract", "check_backbone": "contract", "grid_shape": "contract",
+    "BackboneWrapper": "contract", "make_backbone": "contract", "register_variant": "contract",
+    "make_config": "config", "lr_schedule": "config",
     "Backbone": "backbones", "SEED_MODELS": "backbones", "save_backbone": "backbones",
     "load_image": "data", "sample_image": "data", "sample_images": "data",
     "PlantedBackbone": "synthetic",

@@ -4,17 +4,20 @@
 
 # %% ../nbs/01_backbones.ipynb #df4be342
 from __future__ import annotations
-import difflib, json
+import difflib, inspect, json, math, types
 from pathlib import Path
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import timm
+from fastcore.basics import patch
 from timm.layers import resample_abs_pos_embed
+from .contract import dvt_input_size, grid_shape, block_index
 from .data import check_images
 
 # %% auto #0
-__all__ = ['SEED_MODELS', 'dvt_input_size', 'check_model_name', 'read_state_dict', 'load_into', 'create_vit', 'Backbone',
-           'grid_size', 'features', 'prefix_tokens', 'save_backbone']
+__all__ = ['SEED_MODELS', 'check_model_name', 'read_state_dict', 'load_into', 'create_vit', 'Backbone', 'block_outputs',
+           'check_token_budget', 'dino_resample', 'use_dino_pos_embed', 'save_backbone']
 
 # %% ../nbs/01_backbones.ipynb #efb9bc64
 SEED_MODELS = (
@@ -23,10 +26,6 @@ SEED_MODELS = (
     "deit3_base_patch16_224.fb_in1k", "vit_base_patch16_clip_384.laion2b_ft_in12k_in1k", "vit_base_patch16_224.dino",
     "vit_base_patch16_224.mae", "eva02_base_patch16_clip_224.merged2b", "vit_base_patch16_384.augreg_in21k_ft_in1k",
 )
-
-def dvt_input_size(patch_size: int) -> int:
-    "DVT's square input size for a patch size: 518 for 14, 512 for 16, else 32 patches."
-    return {14: 518, 16: 512}.get(patch_size, 32 * patch_size)
 
 # %% ../nbs/01_backbones.ipynb #08f3b0dc
 def check_model_name(name: str) -> str:
@@ -104,77 +103,115 @@ def create_vit(name: str, pretrained: bool = True, checkpoint: str | Path | None
 # %% ../nbs/01_backbones.ipynb #2f141d8d
 class Backbone(nn.Module):
     "A timm ViT as a dense feature extractor: `(B, 3, H, W)` images in [0, 1] -> `(B, h, w, C)` patch tokens."
-    def __init__(self, name: str, pretrained: bool = True, layer: int = -1, norm: bool = True,
-                 stride: int | None = None, checkpoint: str | Path | None = None, **timm_kwargs):
+    def __init__(self, name: str,                       # a timm model name, e.g. one of `SEED_MODELS`
+                 pretrained: bool = True,               # timm's hub weights (needs the network or its cache)
+                 layer: int = -1,                       # the block whose tokens `forward` returns
+                 norm: bool = True,                     # apply the model's final norm to the tokens
+                 stride: int | None = None,             # patch-embedding stride (default: the patch size)
+                 checkpoint: str | Path | None = None,  # a local weights file (safetensors or torch)
+                 trainable: bool = False,               # keep the weights trainable (default: frozen)
+                 dino_pos_embed: bool = False,          # resample position embeddings as DINO's code does
+                 **timm_kwargs):                        # passed on to `timm.create_model`
         super().__init__()
         self.name, self.norm = name, norm
-        self.model = create_vit(name, pretrained=pretrained, checkpoint=checkpoint, **timm_kwargs)
+        self.model = create_vit(name, pretrained=pretrained, checkpoint=checkpoint, **timm_kwargs).requires_grad_(trainable)
         pe = self.model.patch_embed
-        self.patch_size = int(pe.patch_size[0])
-        self.stride = int(stride or self.patch_size)
+        self.patch_size, self.stride = int(pe.patch_size[0]), int(stride or pe.patch_size[0])
         if not 1 <= self.stride <= self.patch_size:
             raise ValueError(f"stride={stride} must be between 1 and the patch size {self.patch_size}.")
         pe.proj.stride = (self.stride, self.stride)
-        pe.img_size, pe.strict_img_size, pe.dynamic_img_pad = None, False, False  # we check sizes ourselves
-        self.embed_dim = int(self.model.embed_dim)
+        pe.img_size, pe.strict_img_size, pe.dynamic_img_pad = None, False, False  # sizes are checked by grid_size
+        self.embed_dim, self.num_blocks = int(self.model.embed_dim), len(self.model.blocks)
         self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
-        self.num_blocks = len(self.model.blocks)
-        self.layer = self._block_index(layer)
-        self.input_size = dvt_input_size(self.patch_size)
+        self.layer, self.input_size = self.block_index(layer), dvt_input_size(self.patch_size)
+        self.max_tokens = 65_536                                                 # a 256 x 256 grid; see features()
+        if dino_pos_embed: use_dino_pos_embed(self.model)
         cfg = self.model.pretrained_cfg
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1), persistent=False)
 
-    def _block_index(self, layer: int) -> int:
-        if not -self.num_blocks <= layer < self.num_blocks:
-            raise ValueError(f"layer={layer} is out of range: {self.name} has {self.num_blocks} blocks (use 0..{self.num_blocks - 1} or negative).")
-        return layer % self.num_blocks
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        "Patch tokens `(B, h, w, C)` of `images` `(B, 3, H, W)` in [0, 1]."
+        return self.features(images)
+
+    def prefix_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        "The prefix tokens `(B, P, C)` (CLS, then registers) at `self.layer`; `P = num_prefix_tokens`."
+        return self.features(images, prefix=True)[1]
 
     def extra_repr(self): return f"name={self.name!r}, layer={self.layer}, norm={self.norm}, patch_size={self.patch_size}, stride={self.stride}"
 
 # %% ../nbs/01_backbones.ipynb #43b5fe40
-@torch.no_grad()
-def _nearest_valid(n: int, p: int, s: int) -> tuple[int, int]:
-    k = max(0, (n - p) // s); return p + k * s, p + (k + 1) * s
+@patch
+def block_index(self: Backbone, layer: int) -> int:
+    "`layer` (negative counts from the end) as a block index, or a `ValueError` naming the range."
+    return block_index(layer, self.num_blocks, self.name)
 
+@patch
 def grid_size(self: Backbone, H: int, W: int) -> tuple[int, int]:
     "Token grid `(h, w)` for an `H x W` input, or a `ValueError` naming the nearest valid sizes."
-    p, s = self.patch_size, self.stride
-    for n, what in ((H, "height"), (W, "width")):
-        if n < p: raise ValueError(f"image {what} {n} is smaller than one patch ({p} px); resize to at least {p}.")
-        if (n - p) % s:
-            lo, hi = _nearest_valid(n, p, s)
-            raise ValueError(f"image {what} {n} does not fit patch {p} / stride {s}: (size - {p}) must be a multiple of {s}; "
-                             f"resize to {lo} or {hi} (e.g. dvt.data.resize_images).")
-    return (H - p) // s + 1, (W - p) // s + 1
-Backbone.grid_size = grid_size
+    return grid_shape(H, W, self.patch_size, self.stride)
 
 # %% ../nbs/01_backbones.ipynb #0d8815b2
+@patch
 def features(self: Backbone, images: torch.Tensor, layers: list[int] | None = None, prefix: bool = False):
     "Tokens `(B, h, w, C)` from `self.layer`, or a list of them for `layers`; with `prefix=True` also `(B, P, C)` prefix tokens."
     images = check_images(images, min_size=self.patch_size)
     h, w = self.grid_size(*images.shape[-2:])
-    idx = [self.layer] if layers is None else [self._block_index(l) for l in layers]
+    check_token_budget(h, w, self.max_tokens, self.name, images.shape[-2:])
+    idx = [self.layer] if layers is None else [self.block_index(l) for l in layers]
     x = (images.to(self.mean.dtype) - self.mean) / self.std
     x = x.to(next(self.model.parameters()).dtype)
-    out = self.model.forward_intermediates(x, indices=idx, norm=self.norm, stop_early=True, output_fmt="NLC",
-                                           intermediates_only=True, return_prefix_tokens=True)
-    toks = [(t[0] if isinstance(t, tuple) else t).reshape(x.shape[0], h, w, -1) for t in out]
-    pre = [t[1] if isinstance(t, tuple) and t[1] is not None else x.new_zeros(x.shape[0], 0, self.embed_dim) for t in out]
+    out = block_outputs(self.model, x, idx, self.norm)                     # [(tokens, prefix or None)] per block
+    toks = [t.reshape(x.shape[0], h, w, -1) for t, _ in out]
+    pre = [p if p is not None else x.new_zeros(x.shape[0], 0, self.embed_dim) for _, p in out]
     if layers is None: toks, pre = toks[0], pre[0]
     return (toks, pre) if prefix else toks
-Backbone.features = features
 
-# %% ../nbs/01_backbones.ipynb #00b7254b
-def _forward(self: Backbone, images: torch.Tensor) -> torch.Tensor:
-    "Patch tokens `(B, h, w, C)` of `images` `(B, 3, H, W)` in [0, 1]."
-    return self.features(images)
-Backbone.forward = _forward
+# %% ../nbs/01_backbones.ipynb #63c49084
+def block_outputs(model: nn.Module, x: torch.Tensor, idx: list[int], norm: bool) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    "For each block in `idx`: tokens `(B, h*w, C)` or `(B, h, w, C)`, and prefix tokens `(B, P, C)` or None."
+    if "return_prefix_tokens" in inspect.signature(model.forward_intermediates).parameters:
+        out = model.forward_intermediates(x, indices=idx, norm=norm, stop_early=True, output_fmt="NLC",
+                                          intermediates_only=True, return_prefix_tokens=True)
+        return [(t[0], t[1]) if isinstance(t, tuple) else (t, None) for t in out]
+    out = model.forward_intermediates(x, indices=idx, norm=False, stop_early=True, output_fmt="NCHW", intermediates_only=True)
+    return [(t.permute(0, 2, 3, 1), None) for t in out]                   # SAM: (B, C, h, w) -> (B, h, w, C)
 
-def prefix_tokens(self: Backbone, images: torch.Tensor) -> torch.Tensor:
-    "The prefix tokens `(B, P, C)` (CLS, then registers) at `self.layer`; `P = num_prefix_tokens`."
-    return self.features(images, prefix=True)[1]
-Backbone.prefix_tokens = prefix_tokens
+# %% ../nbs/01_backbones.ipynb #1b296927
+def check_token_budget(h: int, w: int, max_tokens: int, name: str = "the backbone", size=None) -> None:
+    "Raise a `ValueError` if an `h x w` token grid exceeds `max_tokens`, naming the image size and the fixes."
+    if h * w <= max_tokens: return
+    H, W = size if size is not None else (h, w)
+    raise ValueError(f"{H}x{W} images give {h}x{w} = {h * w:,} tokens in {name}, above its max_tokens = {max_tokens:,} "
+                     f"(attention time and memory grow with the square of the count). Resize the images "
+                     f"(dvt.data.resize_images), or raise the limit on purpose: backbone.max_tokens = {h * w}.")
+
+# %% ../nbs/01_backbones.ipynb #c2b6c894
+def dino_resample(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    "Grid position embeddings `(1, N, C)` resampled to `(1, h*w, C)` as DINO's `interpolate_pos_encoding` does."
+    N, C = pos_embed.shape[1:]; side = math.isqrt(N)
+    if N == h * w and h == w: return pos_embed
+    g = pos_embed.reshape(1, side, side, C).permute(0, 3, 1, 2)                       # (1, C, side, side)
+    g = F.interpolate(g, scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic")
+    if g.shape[-2:] != (h, w): raise RuntimeError(f"DINO resampling gave {tuple(g.shape[-2:])}, not ({h}, {w}).")
+    return g.permute(0, 2, 3, 1).reshape(1, h * w, C)
+
+def use_dino_pos_embed(model: nn.Module) -> nn.Module:
+    "Make a timm `VisionTransformer` resample its position embeddings with `dino_resample` (this model instance only)."
+    if not hasattr(model, "_pos_embed") or getattr(model, "pos_embed", None) is None or getattr(model, "no_embed_class", True):
+        raise TypeError(f"dino_pos_embed needs a timm VisionTransformer whose pos_embed includes the class token, as DINO's "
+                        f"does; {type(model).__name__} is not one.")
+    model._pos_embed = types.MethodType(_dino_pos_embed, model)
+    return model
+
+# %% ../nbs/01_backbones.ipynb #31a36999
+def _dino_pos_embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    "timm's `_pos_embed` for patch tokens `x` `(B, h, w, C)`, with DINO's resampling."
+    B, h, w, C = x.shape
+    P = self.num_prefix_tokens
+    pe = torch.cat([self.pos_embed[:, :P], dino_resample(self.pos_embed[:, P:], h, w)], dim=1)   # (1, P + h*w, C)
+    prefix = [t.expand(B, -1, -1) for t in (self.cls_token, getattr(self, "reg_token", None)) if t is not None]
+    return self.pos_drop(torch.cat(prefix + [x.reshape(B, h * w, C)], dim=1) + pe)
 
 # %% ../nbs/01_backbones.ipynb #4e5d3334
 def save_backbone(backbone: Backbone, path: str | Path) -> Path:

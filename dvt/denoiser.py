@@ -109,7 +109,7 @@ class DenoisedBackbone(nn.Module):
 def _db_features(self: DenoisedBackbone, images: torch.Tensor, layers: list[int] | None = None, prefix: bool = False):
     "Like `Backbone.features`, denoised; `layers` may only name the denoised layer; prefix tokens `(B, P, C)` stay raw."
     if layers is not None:
-        idx = [self.backbone._block_index(l) for l in layers] if hasattr(self.backbone, "_block_index") else list(layers)
+        idx = [self.backbone.block_index(l) for l in layers] if hasattr(self.backbone, "block_index") else list(layers)
         if any(i != self.layer for i in idx):
             raise ValueError(f"layers={list(layers)}: the denoiser was trained on layer {self.layer} only; use "
                              f".backbone.features(...) for the raw tokens of other layers.")

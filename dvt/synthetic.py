@@ -10,11 +10,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .data import check_images
-from .backbones import Backbone, dvt_input_size, grid_size as _grid_size
+from fastcore.basics import patch
+from .config import make_config
+from .contract import dvt_input_size, grid_shape, block_index
 
 # %% auto #0
-__all__ = ['PlantedConfig', 'pool_field', 'PlantedBackbone', 'clean_pixels', 'clean_tokens', 'artifact_tokens',
-           'high_norm_positions', 'residual_tokens', 'parts']
+__all__ = ['PLANTED_PRESETS', 'PlantedConfig', 'pool_field', 'PlantedBackbone']
 
 # %% ../nbs/01a_synthetic.ipynb #ab7a593a
 @dataclass
@@ -43,6 +44,11 @@ class PlantedConfig:
     cls_token: bool = False        # expose the mean token as one prefix token (num_prefix_tokens = 1)
     name: str = "planted"
 
+PLANTED_PRESETS = {
+    "default": PlantedConfig(),                                           # ViT-S/16-shaped, 512² input
+    "tiny": PlantedConfig(embed_dim=16, patch_size=8, input_size=64),     # for tests: milliseconds per image
+}
+
 # %% ../nbs/01a_synthetic.ipynb #1ad46684
 def _unit_directions(C: int, k: int, g: torch.Generator) -> torch.Tensor:
     "`k` orthonormal directions `(k, C)` in `C` dims."
@@ -60,9 +66,9 @@ def pool_field(field: torch.Tensor, patch_size: int, stride: int | None = None) 
 # %% ../nbs/01a_synthetic.ipynb #87521fab
 class PlantedBackbone(nn.Module):
     "A ViT-like toy backbone: `(B, 3, H, W)` images in [0, 1] -> `(B, h, w, C)` tokens = clean + artifact + residual."
-    def __init__(self, config: PlantedConfig | None = None, **overrides):
+    def __init__(self, preset: str | PlantedConfig = "default", **overrides):
         super().__init__()
-        self.config = cfg = replace(config or PlantedConfig(), **overrides)  # a private copy
+        self.config = cfg = make_config(PlantedConfig, PLANTED_PRESETS, preset, "planted backbone", **overrides)
         self.name, self.patch_size = cfg.name, int(cfg.patch_size)
         self.stride = int(cfg.stride or self.patch_size)
         if not 1 <= self.stride <= self.patch_size:
@@ -97,38 +103,49 @@ class PlantedBackbone(nn.Module):
     def extra_repr(self):
         return f"name={self.name!r}, patch_size={self.patch_size}, stride={self.stride}, embed_dim={self.embed_dim}, seed={self.config.seed}"
 
-PlantedBackbone.grid_size = _grid_size              # the same grid rule and errors as Backbone
-PlantedBackbone._block_index = Backbone._block_index
+# %% ../nbs/01a_synthetic.ipynb #2550763e
+@patch
+def grid_size(self: PlantedBackbone, H: int, W: int) -> tuple[int, int]:
+    "Token grid `(h, w)` for an `H x W` input: the same rule and errors as every backbone (`dvt.contract.grid_shape`)."
+    return grid_shape(H, W, self.patch_size, self.stride)
+
+@patch
+def block_index(self: PlantedBackbone, layer: int) -> int:
+    "The one block's index, 0 (`layer` 0 or -1), or a `ValueError`."
+    return block_index(layer, self.num_blocks, self.name)
 
 # %% ../nbs/01a_synthetic.ipynb #3425e836
+@patch
 def _check(self: PlantedBackbone, images: torch.Tensor) -> torch.Tensor:
     "`images` checked like `Backbone`'s input: `(B, 3, H, W)` in [0, 1] whose size fits the token grid."
     images = check_images(images, min_size=self.patch_size)
     self.grid_size(*images.shape[-2:])
     return images
 
+@patch
 def _fourier(self: PlantedBackbone, images: torch.Tensor) -> torch.Tensor:
     "Per-pixel Fourier features `cos(omega @ rgb + phase)` `(B, n_fourier, H, W)` (not yet centred)."
     return F.conv2d(images.to(self.omega.dtype), self.omega[:, :, None, None], self.phase).cos_()
 
+@patch
 def clean_pixels(self: PlantedBackbone, images: torch.Tensor) -> torch.Tensor:
     "The clean pixel field `(B, H, W, C)`: a fixed function of each pixel's colour (the pixel-level ground truth)."
     images = check_images(images)
     return (self._fourier(images).permute(0, 2, 3, 1) - self.mu) @ self.proj
 
+@patch
 def _clean(self: PlantedBackbone, images: torch.Tensor, chunk: int = 8) -> torch.Tensor:
     "Clean tokens of already-checked images (pool the features, then centre and project; `chunk` images at a time)."
     pooled = [F.avg_pool2d(self._fourier(x), self.patch_size, self.stride) for x in images.split(chunk)]
     return (torch.cat(pooled).permute(0, 2, 3, 1) - self.mu) @ self.proj
 
+@patch
 def clean_tokens(self: PlantedBackbone, images: torch.Tensor) -> torch.Tensor:
     "Clean tokens `(B, h, w, C)`: the clean pixel field averaged over each patch footprint."
     return self._clean(self._check(images))
 
-PlantedBackbone._check, PlantedBackbone._fourier, PlantedBackbone._clean = _check, _fourier, _clean
-PlantedBackbone.clean_pixels, PlantedBackbone.clean_tokens = clean_pixels, clean_tokens
-
 # %% ../nbs/01a_synthetic.ipynb #4734859d
+@patch
 def artifact_tokens(self: PlantedBackbone, h: int, w: int) -> torch.Tensor:
     "The artifact `(h, w, C)` of an `h x w` token grid: grid-like patterns plus fixed high-norm positions, for any image."
     if h < 1 or w < 1: raise ValueError(f"grid size must be positive; got ({h}, {w}).")
@@ -147,14 +164,14 @@ def artifact_tokens(self: PlantedBackbone, h: int, w: int) -> torch.Tensor:
     out[rows, cols] += self.high_dir
     return out
 
+@patch
 def high_norm_positions(self: PlantedBackbone, h: int, w: int) -> torch.Tensor:
     "The `(n_high_norm, 2)` (row, col) indices of the fixed high-norm artifact tokens on an `h x w` grid."
     hw = torch.tensor([h, w], device=self.high_pos.device)
     return torch.minimum((self.high_pos * hw).long(), hw - 1)
 
-PlantedBackbone.artifact_tokens, PlantedBackbone.high_norm_positions = artifact_tokens, high_norm_positions
-
 # %% ../nbs/01a_synthetic.ipynb #be95217b
+@patch
 def _residual(self: PlantedBackbone, images: torch.Tensor) -> torch.Tensor:
     "Residual tokens of already-checked images."
     cfg = self.config
@@ -170,13 +187,13 @@ def _residual(self: PlantedBackbone, images: torch.Tensor) -> torch.Tensor:
     amp = (gate * peak)[:, 0, :, :, None]                                                  # (B, h, w, 1)
     return amp * self.residual_dir
 
+@patch
 def residual_tokens(self: PlantedBackbone, images: torch.Tensor) -> torch.Tensor:
     "The residual `(B, h, w, C)`: large vectors on the flattest low-variance patches (input-dependent, sparse)."
     return self._residual(self._check(images))
 
-PlantedBackbone._residual, PlantedBackbone.residual_tokens = _residual, residual_tokens
-
 # %% ../nbs/01a_synthetic.ipynb #8df89e0c
+@patch
 def parts(self: PlantedBackbone, images: torch.Tensor) -> dict[str, torch.Tensor]:
     "The three parts `clean`, `artifact`, `residual`, each `(B, h, w, C)`; their sum is `self(images)` exactly."
     images = self._check(images)
@@ -184,22 +201,22 @@ def parts(self: PlantedBackbone, images: torch.Tensor) -> dict[str, torch.Tensor
     h, w = clean.shape[1:3]
     return dict(clean=clean, artifact=self.artifact_tokens(h, w).expand_as(clean), residual=self._residual(images))
 
-def _forward(self: PlantedBackbone, images: torch.Tensor) -> torch.Tensor:
+@patch
+def forward(self: PlantedBackbone, images: torch.Tensor) -> torch.Tensor:
     "Tokens `(B, h, w, C)` = clean + artifact + residual of `images` `(B, 3, H, W)` in [0, 1]."
     p = self.parts(images)
     return p["clean"] + p["artifact"] + p["residual"]
 
-def _features(self: PlantedBackbone, images: torch.Tensor, layers: list[int] | None = None, prefix: bool = False):
+@patch
+def features(self: PlantedBackbone, images: torch.Tensor, layers: list[int] | None = None, prefix: bool = False):
     "Like `Backbone.features`: tokens (a list of them for `layers`; the only block is 0 / -1), optionally with prefix tokens."
-    if layers is not None: [self._block_index(l) for l in layers]
+    if layers is not None: [self.block_index(l) for l in layers]
     toks = self(images)
     pre = toks.mean((1, 2))[:, None] if self.num_prefix_tokens else toks.new_zeros(toks.shape[0], 0, self.embed_dim)
     if layers is not None: toks, pre = [toks] * len(layers), [pre] * len(layers)
     return (toks, pre) if prefix else toks
 
-def _prefix_tokens(self: PlantedBackbone, images: torch.Tensor) -> torch.Tensor:
+@patch
+def prefix_tokens(self: PlantedBackbone, images: torch.Tensor) -> torch.Tensor:
     "Prefix tokens `(B, P, C)`: none by default, the mean token with `cls_token=True`."
     return self.features(images, prefix=True)[1]
-
-PlantedBackbone.parts, PlantedBackbone.forward = parts, _forward
-PlantedBackbone.features, PlantedBackbone.prefix_tokens = _features, _prefix_tokens
