@@ -119,4 +119,4 @@ def test_table_files_load_plainly(tmp_path):
     df = pd.read_csv(tmp_path / "t.csv")
     assert list(df.columns) == ["model", "variant", "CorLoc", "status"] and len(df) == 3 and df["status"].str.startswith("pending").all()
     side = json.loads((tmp_path / "t.json").read_text())
-    assert [c["state"] for c in side["cells"]] == ["missing"] * 3 and "random" in side["label"] and "random" in md
+    assert [c["state"] for c in side["cells"]] == ["missing", "blocked", "missing"] and "random" in side["label"] and "random" in md
