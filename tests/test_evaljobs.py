@@ -72,8 +72,13 @@ def test_one_copy_per_job(tmp_path):
 
 def test_killed_job_resumes_to_the_same_result(tmp_path):
     "A training job (stage 1 + stage 2, checkpointed) killed at a random moment, rerun: the same result as an uninterrupted run."
+    import numpy as np
+    from PIL import Image
+    data = tmp_path / "data"; data.mkdir()                        # a training list of two photos, nothing else to write
+    for i in range(2): Image.fromarray(np.random.default_rng(i).integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(data / f"p{i}.png")
+    (data / "voc_train.txt").write_text("p0.png\np1.png\n")
     args = ["run", "--profile", "smoke", "--task", "train", "--model", "planted", "--variant", "ours", "--device", "cpu",
-            "--threads", "1"]
+            "--threads", "1", "--data-root", str(data)]
     t0 = time.time(); p = _cli(*args, "--results", str(tmp_path / "a")); out = p.communicate()[0]; full = time.time() - t0
     assert p.returncode == 0, out
     moment = random.Random().uniform(0.3, 0.9) * full
