@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole rehearsal for one model, one job per process (so each job's peak memory is its own), on this CPU.
+# Usage: benchmarks/rehearsal_cpu.sh [MODEL] [RESULTS]   (default: ViT-B, /tmp/dvt_rehearsal); env OUT=file.tsv, REVERSE=1
+# Writes benchmarks/rehearsal_cpu.tsv: job, exit code, wall seconds, peak RSS (MB), the load average at the start.
+set -u
+MODEL=${1:-vit_base_patch14_dinov2.lvd142m}
+RESULTS=${2:-/tmp/dvt_rehearsal}
+OUT=${OUT:-$(dirname "$0")/rehearsal_cpu.tsv}     # REVERSE=1: the plan from its end (a second worker meets the first)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
+EVAL="python -c 'from dvt.evaljobs import eval_cli; eval_cli()'"
+OUT=$(realpath "$OUT"); mkdir -p "$RESULTS"; cd "$RESULTS"    # not the checkout: PYTHONPATH / the installed package decide which dvt runs
+TMP=$(mktemp -d)                                              # this worker's own log and timing files
+printf "job\trc\twall_s\tpeak_rss_mb\tload_at_start\n" > "$OUT"
+eval "$EVAL plan --profile rehearsal --models $MODEL --results $RESULTS --no-check" | grep "dvt_eval run" | sed 's/.*dvt_eval run //' | { if [ "${REVERSE:-0}" = 1 ]; then tac; else cat; fi; } |
+while read -r args; do
+  load=$(cut -d' ' -f1 /proc/loadavg)
+  /usr/bin/time -f "%e %M" -o "$TMP/time.txt" bash -c "$EVAL run $args --results $RESULTS --device cpu --threads 1" > "$TMP/job.log" 2>&1
+  rc=$?
+  read -r wall rss < <(tail -n 1 "$TMP/time.txt")   # the last line (a failed command adds one before it)
+  job=$(echo "$args" | sed -E 's/.*--task ([^ ]+) --model ([^ ]+) --variant ([^ ]+).*/\1\/\2__\3/')
+  printf "%s\t%s\t%s\t%.0f\t%s\n" "$job" "$rc" "$wall" "$(echo "$rss / 1024" | bc -l)" "$load" | tee -a "$OUT"
+done
