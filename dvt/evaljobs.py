@@ -151,7 +151,7 @@ def _stage1_protocol(job: Job) -> dict:
 def _train_protocol(job: Job) -> dict:
     "The stage-1 / stage-2 (train) or stage-3 (distill) settings of a training job."
     from dvt.denoiser import DENOISER_PRESETS
-    from dvt.distill import DISTILL_PRESETS
+    from dvt.distillation import DISTILL_PRESETS
     prof = job.profile
     n = {"smoke": 2, "rehearsal": 2, "full": 10_000}[prof]
     if job.task == "train":
@@ -652,15 +652,16 @@ def _run_nyu(job, env, ex, work, dev) -> tuple[dict, dict]:
 def _run_davis(job, env, ex, work, dev) -> tuple[dict, dict]:
     from dvt.discovery import run_davis, PropagationConfig
     cfg = PropagationConfig(**protocol(job)["davis"])
-    r = run_davis(ex, data_root_for(job.profile, env), config=cfg, device=dev.type)
-    return {"J&F": r["J&F"], "J": r["J"], "F": r["F"]}, {"counts": {"sequences": r["n_sequences"], "objects": r["n_objects"]}}
+    r = run_davis(ex, data_root_for(job.profile, env), preset=cfg, device=dev.type)
+    keys = ("J&F", "J", "F", "J_recall", "J_decay", "F_recall", "F_decay")
+    return {k: r[k] for k in keys if k in r}, {"counts": {"sequences": r["n_sequences"], "objects": r["n_objects"]}}
 
 def _run_lost(job, env, ex, work, dev) -> tuple[dict, dict]:
     from dvt.discovery import run_lost
     q = protocol(job)["lost"]
     r = run_lost(ex, data_root_for(job.profile, env), year=q["year"], split=q["split"], k_patches=q["k_patches"],
                  max_images=q["max_images"], device=dev.type)
-    return {"CorLoc": r["CorLoc"]}, {"counts": {"images": r["n_images"]}}
+    return {"CorLoc": r["CorLoc"]}, {"counts": {"images": r["n_images"]}, "lost": {"features": r.get("features"), "pad": r.get("pad")}}
 
 # %% ../nbs/07_evaljobs.ipynb #e58c0f6f
 def _run_mic(job, env, ex, work, dev) -> tuple[dict, dict]:
@@ -716,13 +717,13 @@ def _rel(path: Path, env: JobEnv) -> str:
 
 def _history(folder: Path) -> list[float]:
     "The loss history saved in a training folder's state file."
-    from dvt.denoiser import STATE_FILE
+    from dvt.train import STATE_FILE
     from safetensors.torch import load_file
     return load_file(str(folder / STATE_FILE))["history"].tolist()
 
 # %% ../nbs/07_evaljobs.ipynb #616cdfa1
 def _run_distill(job, env, paths, work, dev) -> tuple[dict, dict]:
-    from dvt.distill import make_student, distill
+    from dvt.distillation import make_student, distill
     from dvt.denoiser import TrainConfig, DenoisedBackbone, load_denoiser, distributed_run
     from dvt.backbones import save_backbone
     pr = protocol(job)
