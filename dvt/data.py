@@ -52,7 +52,7 @@ def check_images(images, min_size: int = 1, name: str = "images") -> torch.Tenso
     return images
 
 # %% ../nbs/00a_data.ipynb #fce2db9c
-def _array_to_rgb(a: np.ndarray, what: str) -> torch.Tensor:
+def _array_to_rgb(a: np.ndarray, what: str, full_scale: float | None = None) -> torch.Tensor:
     if a.dtype == bool: a = a.astype(np.float32)
     if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4): a = np.moveaxis(a, 0, -1)  # CHW -> HWC
     if a.ndim == 2: a = a[..., None]
@@ -63,8 +63,10 @@ def _array_to_rgb(a: np.ndarray, what: str) -> torch.Tensor:
     if a.dtype == np.uint8: x = a.astype(np.float32) / 255.0
     elif a.dtype == np.uint16: x = a.astype(np.float32) / 65535.0
     elif np.issubdtype(a.dtype, np.floating): x = a.astype(np.float32)
-    elif np.issubdtype(a.dtype, np.integer) and a.min() >= 0 and a.max() <= 65535:
-        x = a.astype(np.float32) / (255.0 if a.max() <= 255 else 65535.0)
+    elif np.issubdtype(a.dtype, np.integer) and full_scale: x = a.astype(np.float32) / full_scale
+    elif np.issubdtype(a.dtype, np.integer):   # int32, int64...: their white level is not in the type; guessing it from
+        raise TypeError(f"{what}: pixel type {a.dtype} does not say its white level (255? 4095? 65535?); convert it "
+                        f"first: a.astype(np.uint8) for 0..255, a.astype(np.uint16) for 0..65535, or a / white_level.")
     else: raise TypeError(f"{what}: unsupported pixel type {a.dtype}; use uint8, uint16 or float in [0, 1].")
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
@@ -79,7 +81,8 @@ def load_image(src) -> torch.Tensor:
         im = src
         if im.mode == "P": im = im.convert("RGBA")
         if im.mode in ("CMYK", "YCbCr", "LAB", "HSV"): im = im.convert("RGB")
-        x = _array_to_rgb(np.asarray(im), f"PIL image (mode {src.mode})")
+        wide = im.mode == "I" or im.mode.startswith("I;16")                       # 16-bit PNGs open as "I;16" or "I"
+        x = _array_to_rgb(np.asarray(im), f"PIL image (mode {src.mode})", full_scale=65535.0 if wide else None)
     elif isinstance(src, torch.Tensor):
         x = _array_to_rgb(src.detach().cpu().numpy(), "tensor") if src.dtype != torch.bfloat16 else _array_to_rgb(src.float().cpu().numpy(), "tensor")
     elif isinstance(src, np.ndarray): x = _array_to_rgb(src, "array")

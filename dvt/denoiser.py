@@ -43,6 +43,8 @@ class Denoiser(nn.Module):
     "DVT's stage-2 denoiser: one pre-norm Transformer block + a learnable positional embedding, `(B, h, w, C)` -> `(B, h, w, C)`."
     def __init__(self, embed_dim: int, grid: int | tuple[int, int] = 37, num_heads: int | None = None, mlp_ratio: float = 4.0):
         super().__init__()
+        if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
+            raise ValueError(f"Denoiser(embed_dim={embed_dim!r}): the token width must be a positive integer (the backbone's embed_dim).")
         self.embed_dim, self.grid = int(embed_dim), _pair(grid)
         self.num_heads, self.mlp_ratio = int(num_heads or _num_heads(self.embed_dim)), float(mlp_ratio)
         self.block = Block(self.embed_dim, self.num_heads, mlp_ratio=self.mlp_ratio, qkv_bias=True, init_values=None,

@@ -478,3 +478,8 @@ def test_progress_lines_in_a_log(tmp_path, capsys):
     train_denoiser(pairs, tmp_path / "o", "smoke", steps=3, batch_size=2, curve=None)
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[stage 2: denoiser] ")]
     assert lines[0].startswith("[stage 2: denoiser] 1/3 loss=") and lines[-1].startswith("[stage 2: denoiser] 3/3 "), lines
+
+
+def test_denoiser_refuses_a_non_positive_width():
+    fct.test_fail(lambda: Denoiser(0), contains="positive integer")
+    fct.test_fail(lambda: Denoiser(-8), contains="embed_dim=-8")
