@@ -12,8 +12,8 @@ from .core import repo_root, pick_device
 
 # %% auto #0
 __all__ = ['JOB_PROFILES', 'TASKS', 'TRAIN_KINDS', 'VARIANTS', 'FULL_GRID', 'SMOKE_GRID', 'SMOKE_MODELS', 'REHEARSAL_MODELS',
-           'TASK_RUNNERS', 'H100_BF16_FLOPS', 'ASSUMED_UTILISATION', 'STAGE1_FIT_S', 'SMOKE_TABLE_LABEL', 'grid',
-           'check_job_profile', 'default_models', 'Job', 'JobEnv', 'env_flags', 'protocol', 'file_sha256',
+           'TASK_RUNNERS', 'H100_BF16_FLOPS', 'ASSUMED_UTILISATION', 'STAGE1_FIT_S', 'EVAL_EPILOG', 'SMOKE_TABLE_LABEL',
+           'grid', 'check_job_profile', 'default_models', 'Job', 'JobEnv', 'env_flags', 'protocol', 'file_sha256',
            'text_sha256', 'tensors_sha256', 'atomic_write_json', 'MissingInputs', 'Input', 'check_inputs', 'job_inputs',
            'backbone_input', 'weights_file_input', 'released_denoiser_input', 'upstream_input', 'dataset_input',
            'image_list_input', 'resolve_image_list', 'data_root_for', 'prepare_profile', 'JobBusy', 'lock_held',
@@ -859,9 +859,15 @@ def submit(profile: str, env: JobEnv, shards: int = 8, folder: str | Path = "run
 def _work_shard(jobs: list[Job], env: JobEnv) -> dict: return work(jobs, env)
 
 # %% ../nbs/07_evaljobs.ipynb #2e1b8e01
+EVAL_EPILOG = """Killed and rerun: a finished job is skipped once its result file parses and its fingerprint (protocol,
+weights, data, dtype) matches; an unfinished job resumes from its last checkpoint (stage-1 images done, stage-2/3
+training state, probe heads); a job whose protocol, weights or data changed is recomputed (the old file is kept as
+*.stale-*.json), never mixed; a job locked by a live process is left to it, and a killed holder's lock is freed."""
+
 def eval_cli(argv: list[str] | None = None):
     "Plan, run and track the papers' evaluation grid as resumable jobs (one result file per model x variant x task)."
-    ap = argparse.ArgumentParser(prog="dvt_eval", description=eval_cli.__doc__)
+    ap = argparse.ArgumentParser(prog="dvt_eval", description=eval_cli.__doc__, epilog=EVAL_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, hlp in (("plan", "print every job with its GPU-hour estimate"), ("status", "done / running / missing / failed"),
                       ("run", "compute one job"), ("work", "run the jobs of a shard of the plan"), ("submit", "Slurm arrays via submitit")):

@@ -125,3 +125,11 @@ def test_table_files_load_plainly(tmp_path):
     assert list(df.columns) == ["model", "variant", "CorLoc", "status"] and len(df) == 3 and df["status"].str.startswith("pending").all()
     side = json.loads((tmp_path / "t.json").read_text())
     assert [c["state"] for c in side["cells"]] == ["missing", "blocked", "missing"] and "random" in side["label"] and "random" in md
+
+
+def test_help_says_what_a_kill_and_a_rerun_do(capsys):
+    import pytest
+    from dvt.evaljobs import eval_cli
+    with pytest.raises(SystemExit): eval_cli(["--help"])
+    out = capsys.readouterr().out
+    assert "Killed and rerun" in out and "resumes from its last checkpoint" in out
