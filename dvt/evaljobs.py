@@ -18,9 +18,9 @@ __all__ = ['JOB_PROFILES', 'TASKS', 'TRAIN_KINDS', 'VARIANTS', 'FULL_GRID', 'SMO
            'backbone_input', 'weights_file_input', 'released_denoiser_input', 'upstream_input', 'dataset_input',
            'image_list_input', 'resolve_image_list', 'data_root_for', 'prepare_profile', 'JobBusy', 'lock_held',
            'protocol_card', 'code_sha256', 'protocol_summary', 'read_result', 'job_state', 'run_job', 'peak_memory',
-           'variant_spec', 'build_extractor', 'make_extractor', 'vit_flops', 'estimate_gpu_hours', 'plan', 'shard',
-           'format_plan', 'status', 'work', 'submit', 'eval_cli', 'collect', 'result_rows', 'protocol_note',
-           'write_result_table']
+           'variant_spec', 'build_extractor', 'make_extractor', 'dino_protocol', 'vit_flops', 'estimate_gpu_hours',
+           'plan', 'shard', 'format_plan', 'status', 'work', 'submit', 'eval_cli', 'collect', 'result_rows',
+           'protocol_note', 'write_result_table']
 
 # %% ../nbs/07_evaljobs.ipynb #9a04e2e7
 JOB_PROFILES = ("smoke", "rehearsal", "full")
@@ -620,16 +620,22 @@ def build_extractor(job: Job, env: JobEnv, paths: dict, dev: torch.device) -> to
     with torch.random.fork_rng():
         torch.manual_seed(pr["seed"])
         ex = make_extractor(variant_spec(job, paths, pr), pretrained=job.profile == "full", checkpoint=ck,
-                            srt_batch=pr.get("srt", {}).get("batch_size", 32))
+                            srt_batch=pr.get("srt", {}).get("batch_size", 32), dino_pos_embed=dino_protocol(job))
     return ex.to(dev).eval()
 
 # %% ../nbs/07_evaljobs.ipynb #e923e9a2
-def make_extractor(spec: str, pretrained: bool = True, checkpoint: str | None = None, srt_batch: int = 32) -> torch.nn.Module:
+def make_extractor(spec: str, pretrained: bool = True, checkpoint: str | None = None, srt_batch: int = 32,
+                   dino_pos_embed: bool = False) -> torch.nn.Module:
     "Build the extractor of a backbone `spec` (`name`, `denoised@released|<file>:inner`, `srt@<r>:inner`) with `dvt.contract.make_backbone`."
     from dvt.contract import make_backbone, parse_spec
     _, (base, _) = parse_spec(spec)
     opts = {} if base == "planted" else {"pretrained": pretrained and checkpoint is None, "checkpoint": checkpoint}
+    if dino_pos_embed and base != "planted": opts["dino_pos_embed"] = True
     return make_backbone(spec, srt={"batch_size": srt_batch}, **opts)
+
+def dino_protocol(job: Job) -> bool:
+    "DINO (v1) models on DAVIS follow DINO's own evaluation, so they resample position embeddings with DINO's rule."
+    return job.task == "davis" and job.model.split(".")[-1] == "dino"
 
 # %% ../nbs/07_evaljobs.ipynb #e4567759
 def _with_ckpt(fn, kwargs: dict, work: Path) -> dict:

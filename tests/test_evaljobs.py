@@ -133,3 +133,12 @@ def test_help_says_what_a_kill_and_a_rerun_do(capsys):
     with pytest.raises(SystemExit): eval_cli(["--help"])
     out = capsys.readouterr().out
     assert "Killed and rerun" in out and "resumes from its last checkpoint" in out
+
+
+def test_dino_models_use_dinos_position_embeddings_on_davis():
+    from dvt.evaljobs import Job, dino_protocol, make_extractor
+    assert dino_protocol(Job("vit_base_patch16_224.dino", "baseline", "davis", "full"))
+    assert not dino_protocol(Job("vit_base_patch16_224.dino", "baseline", "voc", "full"))
+    assert not dino_protocol(Job("vit_base_patch14_dinov2.lvd142m", "baseline", "davis", "full"))
+    m = make_extractor("vit_small_patch16_224.dino", pretrained=False, dino_pos_embed=True)
+    assert m.model._pos_embed.__func__.__name__ == "_dino_pos_embed"
