@@ -267,10 +267,9 @@ def _dino_pos_embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/01_backbones.ipynb #4e5d3334
 def save_backbone(backbone: Backbone, path: str | Path) -> Path:
-    "Save `backbone`'s timm weights to a safetensors file (atomically), with its name and settings as metadata."
-    from safetensors.torch import save_file
+    "Save `backbone`'s timm weights to a safetensors file (atomically, fsynced, group-readable), with its name and settings."
+    from dvt.runs import save_tensors
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"timm_name": backbone.name, "layer": str(backbone.layer), "norm": str(backbone.norm), "stride": str(backbone.stride)}
     sd = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp"); save_file(sd, str(tmp), metadata=meta); tmp.replace(path)
-    return path
+    return save_tensors(path, sd, metadata=meta)

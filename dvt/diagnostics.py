@@ -54,7 +54,7 @@ def diagnose_config(preset: str | DiagnoseConfig = "default", **overrides) -> Di
 def tokens_of(backbone: nn.Module, images: list[torch.Tensor], size: int, batch: int = 8) -> torch.Tensor:
     "Tokens `(N, h, w, C)` (float32, CPU) of `images` (each `(3, H, W)` in [0, 1]) resized to `size x size`."
     dev = next(iter(backbone.parameters()), torch.empty(0)).device
-    out = [backbone(resize_images(torch.stack([resize_images(im, size) for im in images[i:i + batch]]), size).to(dev))
+    out = [backbone(torch.stack([resize_images(im, size) for im in images[i:i + batch]]).to(dev))   # (b, 3, S, S)
            for i in range(0, len(images), batch)]
     return torch.cat(out).float().cpu()
 
@@ -164,11 +164,8 @@ class PositionRemover(BackboneWrapper):
 
     def save(self, path: str | Path) -> Path:
         "Write the mean and basis to a safetensors file (the backbone is not saved)."
-        from safetensors.torch import save_file
-        path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"mean": self.mean.contiguous(), "basis": self.basis.contiguous()}, str(path),
-                  metadata={"backbone": check_backbone(self.backbone).name})
-        return path
+        from dvt.runs import save_tensors                                   # atomic: a kill leaves the old file or the new
+        return save_tensors(path, {"mean": self.mean, "basis": self.basis}, metadata={"backbone": check_backbone(self.backbone).name})
 
 # %% ../nbs/08_diagnose.ipynb #db4a9903
 def fit_position_remover(backbone: nn.Module,             # the backbone whose tokens are cleaned
@@ -276,12 +273,13 @@ def plot_diagnosis(d: Diagnosis):
     return g.figure
 
 def save_diagnosis(d: Diagnosis, folder: str | Path, stem: str = "diagnosis") -> list[Path]:
-    "Write `<stem>.csv`, `.md`, `.json` (the settings) and `.png` into `folder`; return the paths."
+    "Write `<stem>.csv`, `.md`, `.json` (the settings) and `.png` into `folder`, each atomically; return the paths."
+    from dvt.runs import atomic_write
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{stem}.{e}" for e in ("csv", "md", "json", "png")]
-    d.frame().to_csv(paths[0], index=False); paths[1].write_text(d.markdown() + "\n")
-    paths[2].write_text(json.dumps(dataclasses.asdict(d.config), indent=1) + "\n")
-    fig = plot_diagnosis(d); fig.savefig(paths[3], dpi=100, bbox_inches="tight")
+    texts = (d.frame().to_csv(index=False), d.markdown() + "\n", json.dumps(dataclasses.asdict(d.config), indent=1) + "\n")
+    for p, t in zip(paths, texts): atomic_write(p, lambda f, t=t: f.write(t), binary=False)
+    fig = plot_diagnosis(d); atomic_write(paths[3], lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
     import matplotlib.pyplot as plt; plt.close(fig)
     return paths
 
@@ -330,7 +328,8 @@ def run_diagnose(a) -> Diagnosis:
         try: d = diagnose(make_backbone(m, **opts), images, a.variants.split(","), a.preset, size=a.size)
         except Exception as e: print(f"[dvt_diagnose] {i}/{len(models)} {m}: FAILED {type(e).__name__}: {e}", flush=True); continue
         report = d if report is None else report + d
+        save_diagnosis(report, a.out)                                       # after every model: a kill keeps the rows done
         print(f"[dvt_diagnose] {i}/{len(models)} {m}: {time.time() - t0:.1f} s", flush=True)
     if report is None: raise SystemExit("[dvt_diagnose] no model could be diagnosed (see the FAILED lines above).")
-    for p in save_diagnosis(report, a.out): print(f"[dvt_diagnose] wrote {p}")
+    for e in ("csv", "md", "json", "png"): print(f"[dvt_diagnose] wrote {Path(a.out) / f'diagnosis.{e}'}")
     return report
