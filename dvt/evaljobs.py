@@ -889,7 +889,8 @@ def eval_cli(argv: list[str] | None = None):
             p.add_argument("--shards", type=int, default=8); p.add_argument("--partition"); p.add_argument("--gpus", type=int, default=1)
             p.add_argument("--hours", type=float, default=24.0); p.add_argument("--folder", default="runs/slurm")
     a = ap.parse_args(argv)
-    return _dispatch(a, _env_from(a))
+    out = _dispatch(a, _env_from(a))
+    if a.cmd == "work" and out["failed"]: sys.exit(1)   # None otherwise: the console script's sys.exit(None) is 0
 
 # %% ../nbs/07_evaljobs.ipynb #59d18497
 def _env_args(p: argparse.ArgumentParser):

@@ -7,7 +7,7 @@ from dvt.evaljobs import (Job, JobEnv, JobBusy, MissingInputs, plan, shard, form
                           read_result, status, _file_lock, submit)
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-c", "from dvt.evaljobs import eval_cli; eval_cli()"]
+CLI = [sys.executable, "-c", "import sys; from dvt.evaljobs import eval_cli; sys.exit(eval_cli())"]   # as the console script calls it
 
 
 def _cli(*args, **kw):
@@ -133,6 +133,16 @@ def test_help_says_what_a_kill_and_a_rerun_do(capsys):
     with pytest.raises(SystemExit): eval_cli(["--help"])
     out = capsys.readouterr().out
     assert "Killed and rerun" in out and "resumes from its last checkpoint" in out
+
+
+def test_console_script_exit_status(tmp_path):
+    "The installed `dvt_eval` runs `sys.exit(eval_cli())`: plan and status exit 0 with nothing on stderr."
+    for cmd in ("plan", "status"):
+        p = subprocess.run([*CLI, cmd, "--profile", "rehearsal", "--models", "vit_small_patch14_dinov2.lvd142m", "--tasks", "mic",
+                            "--results", str(tmp_path), *(["--no-check"] if cmd == "plan" else [])],
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 0 and p.stderr == "", (cmd, p.returncode, p.stderr[-500:])
+        assert "mic/vit_small_patch14_dinov2.lvd142m" in p.stdout or "dvt_eval run" in p.stdout
 
 
 def test_dino_models_use_dinos_position_embeddings_on_davis():
