@@ -21,20 +21,25 @@ def _runs(v_sorted: np.ndarray) -> np.ndarray:
     cuts = np.flatnonzero(np.diff(v_sorted) != 0) + 1
     return np.diff(np.concatenate(([0], cuts, [len(v_sorted)])))
 
-# %% ../nbs/03c_metrics.ipynb #f5b1b0a6
+# %% ../nbs/03c_metrics.ipynb #2f56eba7
 def _equipartition(sizes: np.ndarray, y: int, S: list[int] | None = None) -> tuple[np.ndarray, int]:
     "Row index of each tie group (groups in sorted order, never split) for `y` rows of about equal counts; rows made."
-    S = S if S is not None else [0, *np.cumsum(sizes).tolist()]    # S[g] = points before group g (cached per axis)
-    ng, n = len(S) - 1, S[-1]
-    ends = []; g0, cur, target = 0, 0, n / y
-    while g0 < ng:
-        base = S[g0]
-        hi = bisect_left(S, base + target, g0 + 1, ng)              # first boundary at or past the target
+    S = S if S is not None else [0, *np.cumsum(sizes).tolist()]    # S[g] = points before group g
+    ends = _walk(S, y, 0, 0, S[-1] / y)
+    return np.repeat(np.arange(len(ends)), np.diff(ends, prepend=0)), len(ends)
+
+# %% ../nbs/03c_metrics.ipynb #29ed1bb0
+def _walk(S: list[int], y: int, g: int, cur: int, target: float) -> list[int]:
+    "The equipartition walk from group `g`, with `cur` rows closed and `target` points wanted in the next: the row ends."
+    ng, n, ends = len(S) - 1, S[-1], []
+    while g < ng:
+        base = S[g]
+        hi = bisect_left(S, base + target, g + 1, ng)              # first boundary at or past the target
         lo = hi - 1                                                 # the last one before it, if it closes a non-empty row
-        end = lo if lo > g0 and target - (S[lo] - base) <= (S[hi] - base) - target else hi
-        ends.append(end); g0 = end
-        if g0 < ng: cur += 1; target = (n - S[g0]) / (y - cur)
-    return np.repeat(np.arange(len(ends)), np.diff(ends, prepend=0)), cur + 1
+        g = lo if lo > g and target - (S[lo] - base) <= (S[hi] - base) - target else hi
+        ends.append(g)
+        if g < ng: cur += 1; target = (n - S[g]) / (y - cur)
+    return ends
 
 # %% ../nbs/03c_metrics.ipynb #e49a2d1f
 def _clumps(q: np.ndarray, xsizes: np.ndarray) -> np.ndarray:
@@ -45,15 +50,88 @@ def _clumps(q: np.ndarray, xsizes: np.ndarray) -> np.ndarray:
     lab = np.where(np.repeat(mixed, xsizes), -(gid + 1), q)
     return np.concatenate(([0], np.cumsum(lab[1:] != lab[:-1])))
 
-# %% ../nbs/03c_metrics.ipynb #8865494b
+# %% ../nbs/03c_metrics.ipynb #1d449ac1
+_TAIL = 12                                                          # walks finished one at a time below this many
+
+def _equipartitions(S: list[np.ndarray], which: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    "`_equipartition` of many problems in lock-step (problem i: counts `S[which[i]]`, `ys[i]` rows): row ends `(m, max ys)`, rows made `(m,)`."
+    lens = np.array([len(s) for s in S]); off = np.r_[0, np.cumsum([int(s[-1]) + 1 for s in S])[:-1]]
+    Sloc = np.concatenate(S); Scat = Sloc + np.repeat(off, lens)         # all counts in one sorted array, axis k shifted by off[k]
+    m = len(ys); E = np.zeros((m, int(ys.max())), np.int64); nq = np.zeros(m, np.int64)
+    act, go, vo = np.arange(m), np.r_[0, np.cumsum(lens)[:-1]][which], off[which]
+    lim = go + lens[which] - 1; nn, yy = Sloc[lim], np.asarray(ys, np.int64)
+    g, cur, target = go.copy(), np.zeros(m, np.int64), nn / yy
+    while len(act) > _TAIL:                                              # one row of every unfinished walk per pass
+        base = Sloc[g]
+        hi = np.searchsorted(Scat, np.ceil(base + target).astype(np.int64) + vo)
+        lo = hi - 1
+        g = np.where((lo > g) & (target - (Sloc[lo] - base) <= (Sloc[hi] - base) - target), lo, hi)
+        E[act, cur] = g - go
+        more = g < lim; nq[act[~more]] = cur[~more] + 1
+        act, g, go, vo, lim, nn, yy, cur = (v[more] for v in (act, g, go, vo, lim, nn, yy, cur + 1))
+        target = (nn - Sloc[g]) / (yy - cur)
+    lists = {}
+    for k, i in enumerate(act):                                          # the last few: one at a time
+        S_i = lists.setdefault(which[i], S[which[i]].tolist())
+        ends = _walk(S_i, int(yy[k]), int(g[k] - go[k]), int(cur[k]), float(target[k]))
+        E[i, cur[k]:cur[k] + len(ends)] = ends; nq[i] = cur[k] + len(ends)
+    return E, nq
+
+# %% ../nbs/03c_metrics.ipynb #10e0d195
+def _labels(E: np.ndarray, nq: np.ndarray) -> np.ndarray:
+    "Row of every group, problems concatenated, from the row ends `E` `(m, K)` and the rows made `nq` `(m,)`."
+    keep = np.arange(E.shape[1]) < nq[:, None]
+    return np.repeat(np.nonzero(keep)[1], np.diff(E, prepend=0, axis=1)[keep])
+
+# %% ../nbs/03c_metrics.ipynb #c28df044
+def _axes(a, b, ia, ib) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "Tie groups of `a` (sizes, in a order), cumulative counts of `b`'s tie groups, and the b group of each point in a order."
+    asz, bsz = _runs(a[ia]), _runs(b[ib])
+    gb = np.empty(len(a), np.int64); gb[ib] = np.repeat(np.arange(len(bsz)), bsz)
+    return asz, np.r_[0, np.cumsum(bsz)], gb[ia]
+
+# %% ../nbs/03c_metrics.ipynb #c09dc8cb
+def _clump_runs(lab: np.ndarray, gba: np.ndarray, asz: np.ndarray) -> tuple[np.ndarray, ...]:
+    "Runs of points in one clump and one row, for `R` problems: `lab` `(R, ngroups_b)` row of each b group, `gba` b group of each point in a order."
+    R, n = len(lab), len(gba)
+    Q = lab[:, gba]                                                      # (R, n) row of each point, in a order
+    cut = np.empty((R, n), bool); cut[:, 0] = True
+    np.not_equal(Q[:, 1:], Q[:, :-1], out=cut[:, 1:])                    # a new run where the row changes
+    if len(asz) == n: flat = np.flatnonzero(cut); new = np.ones(len(flat), bool)
+    else:                                                                # ties in a: a tie group spanning rows is a clump
+        starts = np.r_[0, np.cumsum(asz)[:-1]]
+        mixed = np.repeat(np.minimum.reduceat(Q, starts, 1) != np.maximum.reduceat(Q, starts, 1), asz, 1)
+        between = np.zeros(n - 1, bool); between[starts[1:] - 1] = True  # point k and k+1 in different a groups
+        cl = np.empty((R, n), bool); cl[:, 0] = True
+        cl[:, 1:] = between & (cut[:, 1:] | mixed[:, 1:] | mixed[:, :-1])
+        cut[:, 1:] |= cl[:, 1:]
+        flat = np.flatnonzero(cut); new = cl.ravel()[flat]
+    prob = flat // n
+    p = np.bincount(prob[new], minlength=R)                              # clumps per problem
+    clump = np.cumsum(new) - 1 - np.repeat(np.r_[0, np.cumsum(p)[:-1]], np.bincount(prob, minlength=R))
+    return prob, clump, Q.ravel()[flat], np.diff(np.r_[flat, R * n]), p
+
+# %% ../nbs/03c_metrics.ipynb #a0ca47d4
+def _superclumps(prob, clump, size, p, kmax):
+    "Merge the clumps of every problem with more than `kmax` of them into `kmax` superclumps (an equipartition of clumps)."
+    sup = np.flatnonzero(p > kmax)
+    if not len(sup): return clump, p
+    off = np.r_[0, np.cumsum(p)]; gcl = off[prob] + clump                # global clump of each run
+    csz = np.bincount(gcl, weights=size, minlength=off[-1]).astype(np.int64)
+    E, nsc = _equipartitions([np.r_[0, np.cumsum(csz[off[i]:off[i + 1]])] for i in sup], np.arange(len(sup)), kmax[sup])
+    new = np.arange(off[-1]) - np.repeat(off[:-1], p)
+    new[np.concatenate([np.arange(off[i], off[i + 1]) for i in sup])] = _labels(E, nsc)
+    p = p.copy(); p[sup] = nsc
+    return new[gcl], p
+
+# %% ../nbs/03c_metrics.ipynb #4fa78b06
 _BLOCK, _SMALL = 128, 1 << 17                                  # clumps per block; cost tables up to _SMALL entries in one go
 
-def _best_mi(q: np.ndarray, nq: int, clump: np.ndarray, xmax: int, T: np.ndarray) -> np.ndarray:
-    "MI (nats) of the best partition into at most `l` columns of consecutive clumps, for `l = 0..xmax` (entries 0, 1 unused)."
-    p, n = int(clump[-1]) + 1, len(clump)
+def _best_mi(hist: np.ndarray, xmax: int, T: np.ndarray, n: int) -> np.ndarray:
+    "MI (nats) of the best partition into at most `l` columns of consecutive clumps, `l = 0..xmax` (0, 1 unused), from `hist` `(p, nq)`."
+    p, nq = hist.shape
     I = np.zeros(xmax + 1)
     if p == 1: return I
-    hist = np.bincount(clump * nq + q, minlength=p * nq).reshape(p, nq)       # points per clump and row
     cum = np.concatenate((np.zeros((1, nq), np.int64), np.cumsum(hist, 0)))   # (p+1, nq) points per row, first t clumps
     hq = (T[n] - T[cum[-1]].sum()) / n                                         # H(Q)
     cost = _cost(cum, T)                                                       # (p+1, p+1)
@@ -90,6 +168,81 @@ def _cost(cum: np.ndarray, T: np.ndarray) -> np.ndarray:
             cost[s0:s1, t0:t1] = blk
     return cost
 
+# %% ../nbs/03c_metrics.ipynb #1ed5458a
+def _cumrows(a: np.ndarray) -> np.ndarray:
+    "Prefix sums along the first axis with a zero row in front, `(P+1, ...)`: one vector add per row (far faster than `np.cumsum(a, 0)`)."
+    out = np.empty((len(a) + 1, *a.shape[1:]), a.dtype); out[0] = 0
+    for k in range(len(a)): np.add(out[k], a[k], out=out[k + 1])
+    return out
+
+# %% ../nbs/03c_metrics.ipynb #fddec684
+def _best_mi_sparse(hist: np.ndarray, p: np.ndarray, xmax: np.ndarray, T: np.ndarray, n: int) -> np.ndarray:
+    "`_best_mi` of `m` problems at once, `hist` `(P, m, NQ)` [clump, problem, row] zero-padded: `I` `(m, max xmax + 1)`."
+    P, m, NQ = hist.shape; ar = np.arange(m); I = np.zeros((m, int(xmax.max()) + 1))
+    Tz = np.concatenate((np.zeros(n + 1), T))                                 # Tz[k + n + 1] = k log k, 0 for k < 0
+    cum = _cumrows(hist); c = cum.sum(2)                                       # (P+1, m, NQ), (P+1, m)
+    hq = (T[n] - T.take(cum[p, ar]).sum(-1)) / n
+    t, rest = np.divmod(np.flatnonzero(hist), m * NQ); i, j = np.divmod(rest, NQ)   # non-empty (clump, problem, row)
+    cumT = cum.transpose(1, 2, 0).copy(); rowc = cumT[i, j]                    # (nnz, P+1) row j's points in clumps < s
+    F = Tz.take((cumT[i, j, t + 1] + n + 1)[:, None] - rowc)                  # clump t+1 joins (s, t]: change of the row's τ
+    F -= Tz.take((cumT[i, j, t] + n + 1)[:, None] - rowc)                     # (zero for s > t)
+    key = t * m + i
+    if (key[1:] == key[:-1]).any():                                            # several rows in a clump: add them up
+        first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]); F = np.add.reduceat(F, first, 0); t, i = t[first], i[first]
+    D = np.zeros((P + 1, P + 1, m)); D[t + 1, :, i] = F                         # [t, s, problem]
+    for k in range(1, P + 1): np.add(D[k - 1], D[k], out=D[k])              # sum over rows of τ(n_stq) = running sum over t
+    cost = Tz.take(c[:, None, :] - c[None, :, :] + (n + 1)) - D              # [t, s, problem]: n_st H(Q | clumps s+1..t)
+    tix = np.arange(P + 1); cost[tix[:, None] <= tix[None, :]] = np.inf
+    L = np.minimum(xmax, p); G = cost[:, 0]
+    for l in range(2, int(L.max()) + 1):
+        G = np.minimum.reduce(G[None] + cost, axis=1)                        # G_l(t) = min_s G_{l-1}(s) + cost(s, t)
+        I[:, l] = hq - G[p, ar] / n
+    return I[ar[:, None], np.minimum(np.arange(I.shape[1])[None], L[:, None])]   # at most p columns: I(l > p) = I(p)
+
+# %% ../nbs/03c_metrics.ipynb #ea4d100a
+def _best_mi_two(hist: np.ndarray, p: np.ndarray, T: np.ndarray, n: int) -> np.ndarray:
+    "`I[:, 2]` of `m` problems with at most 2 columns, `hist` `(P, m, NQ)`: only `cost(0, s)` and `cost(s, p)` are needed. `(m, 3)`."
+    P, m, NQ = hist.shape; ar = np.arange(m)
+    cum = _cumrows(hist); c = cum.sum(2); top = cum[p, ar]                    # (P+1, m, NQ), (P+1, m), (m, NQ)
+    Tz = np.concatenate((np.zeros(n + 1), T))
+    left = T.take(c) - T.take(cum).sum(2)                                      # cost(0, s)     [s, problem]
+    right = Tz.take(c[p, ar] - c + (n + 1)) - Tz.take(top - cum + (n + 1)).sum(2)   # cost(s, p)
+    s = np.arange(P + 1)[:, None]
+    G = np.where((s >= 1) & (s < p), left + right, np.inf).min(0)
+    I = np.zeros((m, 3)); I[:, 2] = np.where(p > 1, (T[n] - T.take(top).sum(-1)) / n - G / n, 0.0)
+    return I
+
+# %% ../nbs/03c_metrics.ipynb #7f147808
+def _hists(prob, clump, row, size, idx, P, NQ) -> np.ndarray:
+    "Zero-padded histograms `(P, len(idx), NQ)` [clump, problem, row] of the problems `idx`, from the runs."
+    loc = np.full(int(prob[-1]) + 1, -1); loc[idx] = np.arange(len(idx)); sel = loc[prob] >= 0
+    h = np.bincount((clump[sel] * len(idx) + loc[prob[sel]]) * NQ + row[sel], weights=size[sel], minlength=P * len(idx) * NQ)
+    return h.astype(np.int64).reshape(P, len(idx), NQ)
+
+# %% ../nbs/03c_metrics.ipynb #2b59e480
+_BUCKETS = (8, 16, 32, 64)                                               # sparse problems batched by clump count
+
+def _all_mi(prob, clump, row, size, p, nq, xmax, T, n) -> np.ndarray:
+    "`I[i, l]`, the best MI of problem i with at most l columns, each problem sent to the fastest exact path."
+    m = len(p); I = np.zeros((m, int(xmax.max()) + 1))
+    start = np.searchsorted(prob, np.arange(m + 1))                            # runs of problem i: start[i]:start[i+1]
+    two = xmax == 2
+    if two.any():
+        idx = np.flatnonzero(two)
+        I[idx, :3] = _best_mi_two(_hists(prob, clump, row, size, idx, int(p[idx].max()), int(nq[idx].max())), p[idx], T, n)
+    sparse = ~two & (p <= _BUCKETS[-1]) & (2 * np.diff(start) <= (p + 1) * nq)   # few rows per clump
+    lo = 0
+    for hi in _BUCKETS:
+        idx = np.flatnonzero(sparse & (p > lo) & (p <= hi)); lo = hi
+        if len(idx):
+            h = _hists(prob, clump, row, size, idx, int(p[idx].max()), int(nq[idx].max()))
+            I[idx, :int(xmax[idx].max()) + 1] = _best_mi_sparse(h, p[idx], xmax[idx], T, n)
+    for i in np.flatnonzero(~two & ~sparse):                                   # many rows per clump, or many clumps
+        a, b = start[i], start[i + 1]
+        h = np.bincount(clump[a:b] * nq[i] + row[a:b], weights=size[a:b], minlength=p[i] * nq[i])
+        I[i, :xmax[i] + 1] = _best_mi(h.astype(np.int64).reshape(p[i], nq[i]), int(xmax[i]), T, n)
+    return I
+
 # %% ../nbs/03c_metrics.ipynb #523cee29
 def mine_matrix(x,                         # (n,) samples of the first variable
                 y,                         # (n,) samples of the second variable
@@ -101,26 +254,30 @@ def mine_matrix(x,                         # (n,) samples of the first variable
     if c <= 0: raise ValueError(f"c={c} must be > 0.")
     n = len(x); B = max(n ** alpha, 4.0); K = max(int(B // 2), 2)
     T = np.arange(n + 1, dtype=np.float64); T = T * np.log(np.maximum(T, 1))  # k log k
-    M = np.full((K + 1, K + 1), np.nan)
-    ix, iy = np.argsort(x, kind="stable"), np.argsort(y, kind="stable")
-    for a, b, ia, ib, swap in ((x, y, ix, iy, False), (y, x, iy, ix, True)):  # rows on b, columns on a
-        asz, bsz = _runs(a[ia]), _runs(b[ib]); Sb = [0, *np.cumsum(bsz).tolist()]
-        for rows in range(2, K + 1):
-            xmax = int(B // rows)
-            if xmax < 2: break
-            qg, nq = _equipartition(bsz, rows, Sb)
-            qpt = np.empty(n, np.int64); qpt[ib] = np.repeat(qg, bsz)
-            q = qpt[ia]                                                         # row of each point, in a order
-            clump = _clumps(q, asz)
-            kmax = max(int(c * xmax), 1)
-            if clump[-1] + 1 > kmax:                                            # superclumps
-                cs = _runs(clump); clump = np.repeat(_equipartition(cs, kmax)[0], cs)
-            I = _best_mi(q, nq, clump, xmax, T)
-            cols = np.arange(2, xmax + 1)
-            s = I[2:] / np.minimum(np.log(cols), math.log(nq)) if nq > 1 else np.zeros(len(cols))
-            if swap: M[2:xmax + 1, rows] = np.fmax(M[2:xmax + 1, rows], s)
-            else: M[rows, 2:xmax + 1] = np.fmax(M[rows, 2:xmax + 1], s)
-    return M
+    rows = np.arange(2, K + 1); cols = (B // rows).astype(np.int64); rows, cols = rows[cols >= 2], cols[cols >= 2]
+    R = len(rows); ix, iy = np.argsort(x, kind="stable"), np.argsort(y, kind="stable")
+    axes = [_axes(a, b, ia, ib) for a, b, ia, ib in ((x, y, ix, iy), (y, x, iy, ix))]   # rows on b, columns on a
+    E, nq = _equipartitions([S for _, S, _ in axes], np.repeat([0, 1], R), np.tile(rows, 2))
+    lab, k = _labels(E, nq), R * (len(axes[0][1]) - 1)
+    runs = [_clump_runs(lb.reshape(R, -1), gba, asz) for lb, (asz, _, gba) in zip((lab[:k], lab[k:]), axes)]
+    prob, clump, row, size, p = (np.concatenate((u, v + R if w == 0 else v)) for w, (u, v) in enumerate(zip(*runs)))
+    xmax = np.tile(cols, 2)
+    clump, p = _superclumps(prob, clump, size, p, np.maximum((c * xmax).astype(np.int64), 1))
+    return _fill(_all_mi(prob, clump, row, size, p, nq, xmax, T, n), nq, rows, xmax, K)
+
+# %% ../nbs/03c_metrics.ipynb #319d3e35
+def _fill(I: np.ndarray, nq: np.ndarray, rows: np.ndarray, xmax: np.ndarray, K: int) -> np.ndarray:
+    "`(K+1, K+1)` matrix of `I / log min(columns, rows made)`, problems `0..R-1` with columns on x, `R..2R-1` on y; max of the two."
+    R, X = len(rows), I.shape[1] - 1
+    den = np.minimum(np.log(np.arange(2, X + 1))[None], np.log(nq)[:, None])
+    sc = np.divide(I[:, 2:], den, out=np.zeros_like(den), where=nq[:, None] > 1)
+    i, l = np.nonzero(np.arange(2, X + 1)[None] <= xmax[:, None]); r = rows[i % R]
+    M = np.full((2, K + 1, K + 1), np.nan); on_x = i < R
+    M[0, r[on_x], l[on_x] + 2] = sc[i[on_x], l[on_x]]
+    M[1, l[~on_x] + 2, r[~on_x]] = sc[i[~on_x], l[~on_x]]
+    return np.fmax(M[0], M[1])
+
+def mic(x, y, alpha=0.6, c=15): return float(np.nanmax(mine_matrix(x, y, alpha, c)))
 
 # %% ../nbs/03c_metrics.ipynb #daef1817
 def _check_xy(x, y) -> tuple[np.ndarray, np.ndarray]:
