@@ -152,11 +152,13 @@ def _best_mi(hist: np.ndarray, xmax: int, T: np.ndarray, n: int) -> np.ndarray:
 def _cost(cum: np.ndarray, T: np.ndarray) -> np.ndarray:
     "`(p+1, p+1)` table of n_st·H(Q | clumps s+1..t) for s < t (inf elsewhere) from cumulative row counts `cum` `(p+1, nq)`."
     P = len(cum); c = cum.sum(1); cumT = np.ascontiguousarray(cum.T)        # (nq, p+1)
-    cost = np.full((P, P), np.inf)
-    if P * P * len(cumT) <= _SMALL:                                            # a small table: all pairs s < t at once
-        s, t = np.triu_indices(P, 1)
-        cost[s, t] = T.take(c[t] - c[s]) - T.take(cum[t] - cum[s]).sum(-1)
+    if P * P * len(cumT) <= _SMALL:                                            # a small table: the whole square at once
+        Tz, off = np.concatenate((np.zeros(len(T)), T)), len(T)               # Tz[k + off] = T[k], 0 for k < 0 (s > t)
+        cost = Tz.take(c[None, :] - c[:, None] + off)
+        for col in cumT: cost -= Tz.take(col[None, :] - (col[:, None] - off))  # one row of the equipartition at a time
+        cost[np.tri(P, dtype=bool)] = np.inf                                   # s >= t
         return cost
+    cost = np.full((P, P), np.inf)
     for s0 in range(0, P - 1, _BLOCK):                                         # blocks on or above the diagonal only
         for t0 in range(s0, P, _BLOCK):
             s1, t1 = min(s0 + _BLOCK, P), min(t0 + _BLOCK, P)

@@ -180,7 +180,7 @@ def test_small_cost_table_equals_the_formula():
     from dvt.metrics import _cost, _SMALL
     rng = np.random.default_rng(6)
     cum = np.concatenate((np.zeros((1, 4), np.int64), np.cumsum(rng.integers(1, 4, (20, 4)), 0)))
-    assert len(cum) ** 2 * 4 <= _SMALL                                   # the one-gather path
+    assert len(cum) ** 2 * 4 <= _SMALL                                   # the whole-square path
     n = int(cum[-1].sum()); T = np.arange(n + 1.0); T = T * np.log(np.maximum(T, 1))
     d = cum[None] - cum[:, None]; m = d.sum(-1)
     ref = np.where(m > 0, T[np.maximum(m, 0)] - T[np.maximum(d, 0)].sum(-1), np.inf); ref[np.tril_indices(21)] = np.inf
