@@ -53,35 +53,33 @@ def _clumps(q: np.ndarray, xsizes: np.ndarray) -> np.ndarray:
 # %% ../nbs/03c_metrics.ipynb #1d449ac1
 _TAIL = 12                                                          # walks finished one at a time below this many
 
-def _equipartitions(S: list[np.ndarray], which: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    "`_equipartition` of many problems in lock-step (problem i: counts `S[which[i]]`, `ys[i]` rows): row ends `(m, max ys)`, rows made `(m,)`."
-    lens = np.array([len(s) for s in S]); off = np.r_[0, np.cumsum([int(s[-1]) + 1 for s in S])[:-1]]
-    Sloc = np.concatenate(S); Scat = Sloc + np.repeat(off, lens)         # all counts in one sorted array, axis k shifted by off[k]
-    m = len(ys); E = np.zeros((m, int(ys.max())), np.int64); nq = np.zeros(m, np.int64)
-    act, go, vo = np.arange(m), np.r_[0, np.cumsum(lens)[:-1]][which], off[which]
-    lim = go + lens[which] - 1; nn, yy = Sloc[lim], np.asarray(ys, np.int64)
-    g, cur, target = go.copy(), np.zeros(m, np.int64), nn / yy
-    while len(act) > _TAIL:                                              # one row of every unfinished walk per pass
-        base = Sloc[g]
+def _equipartitions(S: np.ndarray, first: np.ndarray, last: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    "`_equipartition` of many problems in lock-step; problem i walks the counts `S[first[i]:last[i]+1]` into `ys[i]` rows. Row ends `(m, max ys)`, rows made `(m,)`."
+    seg = np.flatnonzero(S == 0)                                         # S: cumulative counts of several axes end to end
+    Scat = S + np.repeat(np.r_[0, np.cumsum(S[np.r_[seg[1:] - 1, len(S) - 1]] + 1)[:-1]], np.diff(np.r_[seg, len(S)]))
+    m = len(ys); ar = np.arange(m); E = np.zeros((m, int(ys.max())), np.int64)
+    vo, nn, yy = Scat[first], S[last], np.asarray(ys, np.int64)          # Scat: one strictly increasing array
+    g, cur, target, live = first.copy(), np.zeros(m, np.int64), nn / yy, np.ones(m, bool)
+    while np.count_nonzero(live) > _TAIL:                                # one row of every walk per pass; a finished
+        base = S[g]                                                      # walk stays put (target 0)
         hi = np.searchsorted(Scat, np.ceil(base + target).astype(np.int64) + vo)
         lo = hi - 1
-        g = np.where((lo > g) & (target - (Sloc[lo] - base) <= (Sloc[hi] - base) - target), lo, hi)
-        E[act, cur] = g - go
-        more = g < lim; nq[act[~more]] = cur[~more] + 1
-        act, g, go, vo, lim, nn, yy, cur = (v[more] for v in (act, g, go, vo, lim, nn, yy, cur + 1))
-        target = (nn - Sloc[g]) / (yy - cur)
+        g = np.where((lo > g) & (target - (S[lo] - base) <= (S[hi] - base) - target), lo, hi)
+        E[ar, cur] = g - first
+        live = g < last; cur += live
+        target = (nn - S[g]) / (yy - cur)
     lists = {}
-    for k, i in enumerate(act):                                          # the last few: one at a time
-        S_i = lists.setdefault(which[i], S[which[i]].tolist())
-        ends = _walk(S_i, int(yy[k]), int(g[k] - go[k]), int(cur[k]), float(target[k]))
-        E[i, cur[k]:cur[k] + len(ends)] = ends; nq[i] = cur[k] + len(ends)
-    return E, nq
+    for i in np.flatnonzero(live):                                       # the last few: one at a time
+        S_i = lists.setdefault((first[i], last[i]), S[first[i]:last[i] + 1].tolist())
+        ends = _walk(S_i, int(yy[i]), int(g[i] - first[i]), int(cur[i]), float(target[i]))
+        E[i, cur[i]:cur[i] + len(ends)] = ends; cur[i] += len(ends) - 1
+    return E, cur + 1
 
 # %% ../nbs/03c_metrics.ipynb #10e0d195
 def _labels(E: np.ndarray, nq: np.ndarray) -> np.ndarray:
-    "Row of every group, problems concatenated, from the row ends `E` `(m, K)` and the rows made `nq` `(m,)`."
+    "Row of every group (int32), problems concatenated, from the row ends `E` `(m, K)` and the rows made `nq` `(m,)`."
     keep = np.arange(E.shape[1]) < nq[:, None]
-    return np.repeat(np.nonzero(keep)[1], np.diff(E, prepend=0, axis=1)[keep])
+    return np.repeat(np.nonzero(keep)[1].astype(np.int32), np.diff(E, prepend=0, axis=1)[keep])
 
 # %% ../nbs/03c_metrics.ipynb #c28df044
 def _axes(a, b, ia, ib) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,22 +92,21 @@ def _axes(a, b, ia, ib) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _clump_runs(lab: np.ndarray, gba: np.ndarray, asz: np.ndarray) -> tuple[np.ndarray, ...]:
     "Runs of points in one clump and one row, for `R` problems: `lab` `(R, ngroups_b)` row of each b group, `gba` b group of each point in a order."
     R, n = len(lab), len(gba)
-    Q = lab[:, gba]                                                      # (R, n) row of each point, in a order
-    cut = np.empty((R, n), bool); cut[:, 0] = True
-    np.not_equal(Q[:, 1:], Q[:, :-1], out=cut[:, 1:])                    # a new run where the row changes
+    Q = lab[:, gba].ravel()                                              # (R·n,) row of each point, in a order
+    cut = np.empty(R * n, bool); np.not_equal(Q[1:], Q[:-1], out=cut[1:]); cut[::n] = True   # a new run where the row changes
     if len(asz) == n: flat = np.flatnonzero(cut); new = np.ones(len(flat), bool)
     else:                                                                # ties in a: a tie group spanning rows is a clump
-        starts = np.r_[0, np.cumsum(asz)[:-1]]
-        mixed = np.repeat(np.minimum.reduceat(Q, starts, 1) != np.maximum.reduceat(Q, starts, 1), asz, 1)
+        starts = np.r_[0, np.cumsum(asz)[:-1]]; Q2, cut2 = Q.reshape(R, n), cut.reshape(R, n)
+        mixed = np.repeat(np.minimum.reduceat(Q2, starts, 1) != np.maximum.reduceat(Q2, starts, 1), asz, 1)
         between = np.zeros(n - 1, bool); between[starts[1:] - 1] = True  # point k and k+1 in different a groups
         cl = np.empty((R, n), bool); cl[:, 0] = True
-        cl[:, 1:] = between & (cut[:, 1:] | mixed[:, 1:] | mixed[:, :-1])
-        cut[:, 1:] |= cl[:, 1:]
+        cl[:, 1:] = between & (cut2[:, 1:] | mixed[:, 1:] | mixed[:, :-1])
+        cut2[:, 1:] |= cl[:, 1:]
         flat = np.flatnonzero(cut); new = cl.ravel()[flat]
     prob = flat // n
     p = np.bincount(prob[new], minlength=R)                              # clumps per problem
     clump = np.cumsum(new) - 1 - np.repeat(np.r_[0, np.cumsum(p)[:-1]], np.bincount(prob, minlength=R))
-    return prob, clump, Q.ravel()[flat], np.diff(np.r_[flat, R * n]), p
+    return prob, clump, Q[flat], np.diff(np.r_[flat, R * n]), p
 
 # %% ../nbs/03c_metrics.ipynb #a0ca47d4
 def _superclumps(prob, clump, size, p, kmax):
@@ -118,9 +115,12 @@ def _superclumps(prob, clump, size, p, kmax):
     if not len(sup): return clump, p
     off = np.r_[0, np.cumsum(p)]; gcl = off[prob] + clump                # global clump of each run
     csz = np.bincount(gcl, weights=size, minlength=off[-1]).astype(np.int64)
-    E, nsc = _equipartitions([np.r_[0, np.cumsum(csz[off[i]:off[i + 1]])] for i in sup], np.arange(len(sup)), kmax[sup])
-    new = np.arange(off[-1]) - np.repeat(off[:-1], p)
-    new[np.concatenate([np.arange(off[i], off[i + 1]) for i in sup])] = _labels(E, nsc)
+    sel = np.repeat(p > kmax, p); ps = p[sup]                            # the clumps to merge, problem by problem
+    zero = np.r_[0, np.cumsum(ps + 1)[:-1]]                              # each problem's counts start with a 0
+    cs = np.cumsum(csz[sel]); S = np.zeros(len(cs) + len(sup), np.int64)
+    S[np.setdiff1d(np.arange(len(S)), zero, assume_unique=True)] = cs - np.repeat(np.r_[0, cs[np.cumsum(ps)[:-1] - 1]], ps)
+    E, nsc = _equipartitions(S, zero, zero + ps, kmax[sup])
+    new = np.arange(off[-1]) - np.repeat(off[:-1], p); new[sel] = _labels(E, nsc)
     p = p.copy(); p[sup] = nsc
     return new[gcl], p
 
@@ -258,11 +258,12 @@ def mine_matrix(x,                         # (n,) samples of the first variable
     T = np.arange(n + 1, dtype=np.float64); T = T * np.log(np.maximum(T, 1))  # k log k
     rows = np.arange(2, K + 1); cols = (B // rows).astype(np.int64); rows, cols = rows[cols >= 2], cols[cols >= 2]
     R = len(rows); ix, iy = np.argsort(x, kind="stable"), np.argsort(y, kind="stable")
-    axes = [_axes(a, b, ia, ib) for a, b, ia, ib in ((x, y, ix, iy), (y, x, iy, ix))]   # rows on b, columns on a
-    E, nq = _equipartitions([S for _, S, _ in axes], np.repeat([0, 1], R), np.tile(rows, 2))
-    lab, k = _labels(E, nq), R * (len(axes[0][1]) - 1)
-    runs = [_clump_runs(lb.reshape(R, -1), gba, asz) for lb, (asz, _, gba) in zip((lab[:k], lab[k:]), axes)]
-    prob, clump, row, size, p = (np.concatenate((u, v + R if w == 0 else v)) for w, (u, v) in enumerate(zip(*runs)))
+    (ax, Sy, gx), (ay, Sx, gy) = _axes(x, y, ix, iy), _axes(y, x, iy, ix)   # problems 0..R-1: rows on y, columns on x
+    E, nq = _equipartitions(np.r_[Sy, Sx], np.repeat([0, len(Sy)], R), np.repeat([len(Sy) - 1, len(Sy) + len(Sx) - 1], R),
+                            np.tile(rows, 2))
+    lab, k = _labels(E, nq), R * (len(Sy) - 1)
+    (p0, c0, r0, s0, n0), (p1, c1, r1, s1, n1) = _clump_runs(lab[:k].reshape(R, -1), gx, ax), _clump_runs(lab[k:].reshape(R, -1), gy, ay)
+    prob, clump, row, size, p = np.r_[p0, p1 + R], np.r_[c0, c1], np.r_[r0, r1], np.r_[s0, s1], np.r_[n0, n1]
     xmax = np.tile(cols, 2)
     clump, p = _superclumps(prob, clump, size, p, np.maximum((c * xmax).astype(np.int64), 1))
     return _fill(_all_mi(prob, clump, row, size, p, nq, xmax, T, n), nq, rows, xmax, K)
