@@ -21,6 +21,12 @@ def _runs(v_sorted: np.ndarray) -> np.ndarray:
     cuts = np.flatnonzero(np.diff(v_sorted) != 0) + 1
     return np.diff(np.concatenate(([0], cuts, [len(v_sorted)])))
 
+# %% ../nbs/03c_metrics.ipynb #7904ba39
+def _starts(sizes: np.ndarray) -> np.ndarray:
+    "Offset of each of consecutive blocks of the given sizes (an exclusive cumulative sum)."
+    out = np.zeros(len(sizes), np.int64); np.cumsum(sizes[:-1], out=out[1:])
+    return out
+
 # %% ../nbs/03c_metrics.ipynb #2f56eba7
 def _equipartition(sizes: np.ndarray, y: int, S: list[int] | None = None) -> tuple[np.ndarray, int]:
     "Row index of each tie group (groups in sorted order, never split) for `y` rows of about equal counts; rows made."
@@ -56,7 +62,7 @@ _TAIL = 12                                                          # walks fini
 def _equipartitions(S: np.ndarray, first: np.ndarray, last: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     "`_equipartition` of many problems in lock-step; problem i walks the counts `S[first[i]:last[i]+1]` into `ys[i]` rows. Row ends `(m, max ys)`, rows made `(m,)`."
     seg = np.flatnonzero(S == 0)                                         # S: cumulative counts of several axes end to end
-    Scat = S + np.repeat(np.r_[0, np.cumsum(S[np.r_[seg[1:] - 1, len(S) - 1]] + 1)[:-1]], np.diff(np.r_[seg, len(S)]))
+    Scat = S + np.repeat(_starts(S[np.append(seg[1:] - 1, len(S) - 1)] + 1), np.diff(np.append(seg, len(S))))
     m = len(ys); ar = np.arange(m); E = np.zeros((m, int(ys.max())), np.int64)
     vo, nn, yy = Scat[first], S[last], np.asarray(ys, np.int64)          # Scat: one strictly increasing array
     g, cur, target, live = first.copy(), np.zeros(m, np.int64), nn / yy, np.ones(m, bool)
@@ -70,7 +76,8 @@ def _equipartitions(S: np.ndarray, first: np.ndarray, last: np.ndarray, ys: np.n
         target = (nn - S[g]) / (yy - cur)
     lists = {}
     for i in np.flatnonzero(live):                                       # the last few: one at a time
-        S_i = lists.setdefault((first[i], last[i]), S[first[i]:last[i] + 1].tolist())
+        if (first[i], last[i]) not in lists: lists[first[i], last[i]] = S[first[i]:last[i] + 1].tolist()
+        S_i = lists[first[i], last[i]]
         ends = _walk(S_i, int(yy[i]), int(g[i] - first[i]), int(cur[i]), float(target[i]))
         E[i, cur[i]:cur[i] + len(ends)] = ends; cur[i] += len(ends) - 1
     return E, cur + 1
@@ -86,7 +93,7 @@ def _axes(a, b, ia, ib) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     "Tie groups of `a` (sizes, in a order), cumulative counts of `b`'s tie groups, and the b group of each point in a order."
     asz, bsz = _runs(a[ia]), _runs(b[ib])
     gb = np.empty(len(a), np.int64); gb[ib] = np.repeat(np.arange(len(bsz)), bsz)
-    return asz, np.r_[0, np.cumsum(bsz)], gb[ia]
+    return asz, np.concatenate(([0], np.cumsum(bsz))), gb[ia]
 
 # %% ../nbs/03c_metrics.ipynb #c09dc8cb
 def _clump_runs(lab: np.ndarray, gba: np.ndarray, asz: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -96,7 +103,7 @@ def _clump_runs(lab: np.ndarray, gba: np.ndarray, asz: np.ndarray) -> tuple[np.n
     cut = np.empty(R * n, bool); np.not_equal(Q[1:], Q[:-1], out=cut[1:]); cut[::n] = True   # a new run where the row changes
     if len(asz) == n: flat = np.flatnonzero(cut); new = np.ones(len(flat), bool)
     else:                                                                # ties in a: a tie group spanning rows is a clump
-        starts = np.r_[0, np.cumsum(asz)[:-1]]; Q2, cut2 = Q.reshape(R, n), cut.reshape(R, n)
+        starts = _starts(asz); Q2, cut2 = Q.reshape(R, n), cut.reshape(R, n)
         mixed = np.repeat(np.minimum.reduceat(Q2, starts, 1) != np.maximum.reduceat(Q2, starts, 1), asz, 1)
         between = np.zeros(n - 1, bool); between[starts[1:] - 1] = True  # point k and k+1 in different a groups
         cl = np.empty((R, n), bool); cl[:, 0] = True
@@ -105,20 +112,20 @@ def _clump_runs(lab: np.ndarray, gba: np.ndarray, asz: np.ndarray) -> tuple[np.n
         flat = np.flatnonzero(cut); new = cl.ravel()[flat]
     prob = flat // n
     p = np.bincount(prob[new], minlength=R)                              # clumps per problem
-    clump = np.cumsum(new) - 1 - np.repeat(np.r_[0, np.cumsum(p)[:-1]], np.bincount(prob, minlength=R))
-    return prob, clump, Q[flat], np.diff(np.r_[flat, R * n]), p
+    clump = np.cumsum(new) - 1 - np.repeat(_starts(p), np.bincount(prob, minlength=R))
+    return prob, clump, Q[flat], np.diff(flat, append=R * n), p
 
 # %% ../nbs/03c_metrics.ipynb #a0ca47d4
 def _superclumps(prob, clump, size, p, kmax):
     "Merge the clumps of every problem with more than `kmax` of them into `kmax` superclumps (an equipartition of clumps)."
     sup = np.flatnonzero(p > kmax)
     if not len(sup): return clump, p
-    off = np.r_[0, np.cumsum(p)]; gcl = off[prob] + clump                # global clump of each run
+    off = np.concatenate(([0], np.cumsum(p))); gcl = off[prob] + clump                # global clump of each run
     csz = np.bincount(gcl, weights=size, minlength=off[-1]).astype(np.int64)
     sel = np.repeat(p > kmax, p); ps = p[sup]                            # the clumps to merge, problem by problem
-    zero = np.r_[0, np.cumsum(ps + 1)[:-1]]                              # each problem's counts start with a 0
+    zero = _starts(ps + 1)                             # each problem's counts start with a 0
     cs = np.cumsum(csz[sel]); S = np.zeros(len(cs) + len(sup), np.int64)
-    S[np.setdiff1d(np.arange(len(S)), zero, assume_unique=True)] = cs - np.repeat(np.r_[0, cs[np.cumsum(ps)[:-1] - 1]], ps)
+    S[np.setdiff1d(np.arange(len(S)), zero, assume_unique=True)] = cs - np.repeat(np.concatenate(([0], cs[np.cumsum(ps)[:-1] - 1])), ps)
     E, nsc = _equipartitions(S, zero, zero + ps, kmax[sup])
     new = np.arange(off[-1]) - np.repeat(off[:-1], p); new[sel] = _labels(E, nsc)
     p = p.copy(); p[sup] = nsc
@@ -190,7 +197,7 @@ def _best_mi_sparse(hist: np.ndarray, p: np.ndarray, xmax: np.ndarray, T: np.nda
     F -= Tz.take((cumT[i, j, t] + n + 1)[:, None] - rowc)                     # (zero for s > t)
     key = t * m + i
     if (key[1:] == key[:-1]).any():                                            # several rows in a clump: add them up
-        first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]]); F = np.add.reduceat(F, first, 0); t, i = t[first], i[first]
+        first = np.flatnonzero(np.diff(key, prepend=-1)); F = np.add.reduceat(F, first, 0); t, i = t[first], i[first]
     D = np.zeros((P + 1, P + 1, m)); D[t + 1, :, i] = F                         # [t, s, problem]
     for k in range(1, P + 1): np.add(D[k - 1], D[k], out=D[k])              # sum over rows of τ(n_stq) = running sum over t
     cost = Tz.take(c[:, None, :] - c[None, :, :] + (n + 1)) - D              # [t, s, problem]: n_st H(Q | clumps s+1..t)
@@ -222,7 +229,7 @@ def _hists(prob, clump, row, size, idx, P, NQ) -> np.ndarray:
     return h.astype(np.int64).reshape(P, len(idx), NQ)
 
 # %% ../nbs/03c_metrics.ipynb #2b59e480
-_BUCKETS = (8, 16, 32, 64)                                               # sparse problems batched by clump count
+_SPARSE_P, _PAD = 64, 4096                                              # sparse batches: clumps at most; padding allowed
 
 def _all_mi(prob, clump, row, size, p, nq, xmax, T, n) -> np.ndarray:
     "`I[i, l]`, the best MI of problem i with at most l columns, each problem sent to the fastest exact path."
@@ -232,18 +239,24 @@ def _all_mi(prob, clump, row, size, p, nq, xmax, T, n) -> np.ndarray:
     if two.any():
         idx = np.flatnonzero(two)
         I[idx, :3] = _best_mi_two(_hists(prob, clump, row, size, idx, int(p[idx].max()), int(nq[idx].max())), p[idx], T, n)
-    sparse = ~two & (p <= _BUCKETS[-1]) & (2 * np.diff(start) <= (p + 1) * nq)   # few rows per clump
-    lo = 0
-    for hi in _BUCKETS:
-        idx = np.flatnonzero(sparse & (p > lo) & (p <= hi)); lo = hi
-        if len(idx):
-            h = _hists(prob, clump, row, size, idx, int(p[idx].max()), int(nq[idx].max()))
-            I[idx, :int(xmax[idx].max()) + 1] = _best_mi_sparse(h, p[idx], xmax[idx], T, n)
+    sparse = ~two & (p <= _SPARSE_P) & (2 * np.diff(start) <= (p + 1) * nq)   # few rows per clump
+    for idx in _batches(np.flatnonzero(sparse), p):
+        h = _hists(prob, clump, row, size, idx, int(p[idx].max()), int(nq[idx].max()))
+        I[idx, :int(xmax[idx].max()) + 1] = _best_mi_sparse(h, p[idx], xmax[idx], T, n)
     for i in np.flatnonzero(~two & ~sparse):                                   # many rows per clump, or many clumps
         a, b = start[i], start[i + 1]
         h = np.bincount(clump[a:b] * nq[i] + row[a:b], weights=size[a:b], minlength=p[i] * nq[i])
         I[i, :xmax[i] + 1] = _best_mi(h.astype(np.int64).reshape(p[i], nq[i]), int(xmax[i]), T, n)
     return I
+
+# %% ../nbs/03c_metrics.ipynb #cc6af08c
+def _batches(idx: np.ndarray, p: np.ndarray) -> list[np.ndarray]:
+    "Problems `idx` in batches of similar clump counts `p`: a batch closes before its zero-padding would exceed `_PAD` cells."
+    out, cur, cells = [], [], 0                                          # cells: sum of (p_i + 1)^2 in the batch
+    for i in idx[np.argsort(p[idx], kind="stable")]:
+        if cur and (len(cur) + 1) * (p[i] + 1) ** 2 - cells - (p[i] + 1) ** 2 > _PAD: out.append(np.array(cur)); cur, cells = [], 0
+        cur.append(i); cells += (p[i] + 1) ** 2
+    return out + [np.array(cur)] if cur else out
 
 # %% ../nbs/03c_metrics.ipynb #523cee29
 def mine_matrix(x,                         # (n,) samples of the first variable
@@ -259,12 +272,12 @@ def mine_matrix(x,                         # (n,) samples of the first variable
     rows = np.arange(2, K + 1); cols = (B // rows).astype(np.int64); rows, cols = rows[cols >= 2], cols[cols >= 2]
     R = len(rows); ix, iy = np.argsort(x, kind="stable"), np.argsort(y, kind="stable")
     (ax, Sy, gx), (ay, Sx, gy) = _axes(x, y, ix, iy), _axes(y, x, iy, ix)   # problems 0..R-1: rows on y, columns on x
-    E, nq = _equipartitions(np.r_[Sy, Sx], np.repeat([0, len(Sy)], R), np.repeat([len(Sy) - 1, len(Sy) + len(Sx) - 1], R),
-                            np.tile(rows, 2))
+    E, nq = _equipartitions(np.concatenate((Sy, Sx)), np.repeat([0, len(Sy)], R),
+                            np.repeat([len(Sy) - 1, len(Sy) + len(Sx) - 1], R), np.concatenate((rows, rows)))
     lab, k = _labels(E, nq), R * (len(Sy) - 1)
     (p0, c0, r0, s0, n0), (p1, c1, r1, s1, n1) = _clump_runs(lab[:k].reshape(R, -1), gx, ax), _clump_runs(lab[k:].reshape(R, -1), gy, ay)
-    prob, clump, row, size, p = np.r_[p0, p1 + R], np.r_[c0, c1], np.r_[r0, r1], np.r_[s0, s1], np.r_[n0, n1]
-    xmax = np.tile(cols, 2)
+    prob, clump, row, size, p = (np.concatenate(v) for v in ((p0, p1 + R), (c0, c1), (r0, r1), (s0, s1), (n0, n1)))
+    xmax = np.concatenate((cols, cols))
     clump, p = _superclumps(prob, clump, size, p, np.maximum((c * xmax).astype(np.int64), 1))
     return _fill(_all_mi(prob, clump, row, size, p, nq, xmax, T, n), nq, rows, xmax, K)
 
