@@ -65,7 +65,7 @@ def test_train_on_pairs_checks_its_input():
     fct.test_fail(lambda: train_on_pairs(raw, raw, steps=0), contains="steps=0")
 
 
-def test_stage1_pairs_keep_the_backbone_where_it_is(setup):
+def test_stage1_pairs_are_the_backbone_tokens_and_their_fields(setup):
     bb, train, _ = setup
     raw, clean = stage1_pairs(bb, train[:1], size=S, preset=stage1_config("smoke", steps=5))
     fct.test_eq(raw.shape, (1, 8, 8, 16)); fct.test_eq(clean.shape, raw.shape)
