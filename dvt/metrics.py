@@ -120,13 +120,13 @@ def _superclumps(prob, clump, size, p, kmax):
     "Merge the clumps of every problem with more than `kmax` of them into `kmax` superclumps (an equipartition of clumps)."
     sup = np.flatnonzero(p > kmax)
     if not len(sup): return clump, p
-    off = np.concatenate(([0], np.cumsum(p))); gcl = off[prob] + clump                # global clump of each run
+    off = np.concatenate(([0], np.cumsum(p))); gcl = off[prob] + clump  # global clump of each run
     csz = np.bincount(gcl, weights=size, minlength=off[-1]).astype(np.int64)
-    sel = np.repeat(p > kmax, p); ps = p[sup]                            # the clumps to merge, problem by problem
-    zero = _starts(ps + 1)                             # each problem's counts start with a 0
-    cs = np.cumsum(csz[sel]); S = np.zeros(len(cs) + len(sup), np.int64)
-    S[np.setdiff1d(np.arange(len(S)), zero, assume_unique=True)] = cs - np.repeat(np.concatenate(([0], cs[np.cumsum(ps)[:-1] - 1])), ps)
-    E, nsc = _equipartitions(S, zero, zero + ps, kmax[sup])
+    sel, ps = np.repeat(p > kmax, p), p[sup]                             # the clumps to merge, problem by problem
+    cs = np.cumsum(csz[sel]); base = np.concatenate(([0], cs[np.cumsum(ps)[:-1] - 1]))
+    first = _starts(ps + 1); inner = np.ones(len(cs) + len(sup), bool); inner[first] = False
+    S = np.zeros(len(inner), np.int64); S[inner] = cs - np.repeat(base, ps)   # each problem's cumulative counts, from 0
+    E, nsc = _equipartitions(S, first, first + ps, kmax[sup])
     new = np.arange(off[-1]) - np.repeat(off[:-1], p); new[sel] = _labels(E, nsc)
     p = p.copy(); p[sup] = nsc
     return new[gcl], p
@@ -271,11 +271,13 @@ def mine_matrix(x,                         # (n,) samples of the first variable
     T = np.arange(n + 1, dtype=np.float64); T = T * np.log(np.maximum(T, 1))  # k log k
     rows = np.arange(2, K + 1); cols = (B // rows).astype(np.int64); rows, cols = rows[cols >= 2], cols[cols >= 2]
     R = len(rows); ix, iy = np.argsort(x, kind="stable"), np.argsort(y, kind="stable")
-    (ax, Sy, gx), (ay, Sx, gy) = _axes(x, y, ix, iy), _axes(y, x, iy, ix)   # problems 0..R-1: rows on y, columns on x
+    # problems 0..R-1: rows on y, columns on x; problems R..2R-1: the other way round
+    (tx, Sy, y_by_x), (ty, Sx, x_by_y) = _axes(x, y, ix, iy), _axes(y, x, iy, ix)
     E, nq = _equipartitions(np.concatenate((Sy, Sx)), np.repeat([0, len(Sy)], R),
                             np.repeat([len(Sy) - 1, len(Sy) + len(Sx) - 1], R), np.concatenate((rows, rows)))
     lab, k = _labels(E, nq), R * (len(Sy) - 1)
-    (p0, c0, r0, s0, n0), (p1, c1, r1, s1, n1) = _clump_runs(lab[:k].reshape(R, -1), gx, ax), _clump_runs(lab[k:].reshape(R, -1), gy, ay)
+    p0, c0, r0, s0, n0 = _clump_runs(lab[:k].reshape(R, -1), y_by_x, tx)
+    p1, c1, r1, s1, n1 = _clump_runs(lab[k:].reshape(R, -1), x_by_y, ty)
     prob, clump, row, size, p = (np.concatenate(v) for v in ((p0, p1 + R), (c0, c1), (r0, r1), (s0, s1), (n0, n1)))
     xmax = np.concatenate((cols, cols))
     clump, p = _superclumps(prob, clump, size, p, np.maximum((c * xmax).astype(np.int64), 1))
