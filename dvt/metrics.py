@@ -59,8 +59,11 @@ def _clumps(q: np.ndarray, xsizes: np.ndarray) -> np.ndarray:
 # %% ../nbs/03c_metrics.ipynb #1d449ac1
 _TAIL = 12                                                          # walks finished one at a time below this many
 
-def _equipartitions(S: np.ndarray, first: np.ndarray, last: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    "`_equipartition` of many problems in lock-step; problem i walks the counts `S[first[i]:last[i]+1]` into `ys[i]` rows. Row ends `(m, max ys)`, rows made `(m,)`."
+def _equipartitions(S: np.ndarray,       # cumulative counts of several axes end to end, each from 0
+                    first: np.ndarray,   # (m,) where problem i's counts start in S ...
+                    last: np.ndarray,    # (m,) ... and end
+                    ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:   # (m,) rows wanted; -> row ends (m, max ys), rows made (m,)
+    "`_equipartition` of many problems in lock-step: problem i splits counts `S[first[i]:last[i]+1]` into `ys[i]` rows."
     seg = np.flatnonzero(S == 0)                                         # S: cumulative counts of several axes end to end
     Scat = S + np.repeat(_starts(S[np.append(seg[1:] - 1, len(S) - 1)] + 1), np.diff(np.append(seg, len(S))))
     m = len(ys); ar = np.arange(m); E = np.zeros((m, int(ys.max())), np.int64)
@@ -96,8 +99,10 @@ def _axes(a, b, ia, ib) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return asz, np.concatenate(([0], np.cumsum(bsz))), gb[ia]
 
 # %% ../nbs/03c_metrics.ipynb #c09dc8cb
-def _clump_runs(lab: np.ndarray, gba: np.ndarray, asz: np.ndarray) -> tuple[np.ndarray, ...]:
-    "Runs of points in one clump and one row, for `R` problems: `lab` `(R, ngroups_b)` row of each b group, `gba` b group of each point in a order."
+def _clump_runs(lab: np.ndarray,          # (R, groups of b) row of each tie group of b, per problem
+                gba: np.ndarray,          # (n,) b group of each point, in a order
+                asz: np.ndarray) -> tuple[np.ndarray, ...]:   # sizes of a's tie groups, in a order
+    "(problem, clump, row, size) of each run of one row inside one clump, and clumps per problem, for `R` problems."
     R, n = len(lab), len(gba)
     Q = lab[:, gba].ravel()                                              # (R·n,) row of each point, in a order
     cut = np.empty(R * n, bool); np.not_equal(Q[1:], Q[:-1], out=cut[1:]); cut[::n] = True   # a new run where the row changes
