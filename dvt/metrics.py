@@ -264,6 +264,8 @@ def _batches(idx: np.ndarray, p: np.ndarray) -> list[np.ndarray]:
     return out + [np.array(cur)] if cur else out
 
 # %% ../nbs/03c_metrics.ipynb #523cee29
+_POINTS = 1 << 22                                                       # points per chunk of problems (memory bound)
+
 def mine_matrix(x,                         # (n,) samples of the first variable
                 y,                         # (n,) samples of the second variable
                 alpha: float = 0.6,        # grid budget B = max(n^alpha, 4)
@@ -280,13 +282,13 @@ def mine_matrix(x,                         # (n,) samples of the first variable
     (tx, Sy, y_by_x), (ty, Sx, x_by_y) = _axes(x, y, ix, iy), _axes(y, x, iy, ix)
     E, nq = _equipartitions(np.concatenate((Sy, Sx)), np.repeat([0, len(Sy)], R),
                             np.repeat([len(Sy) - 1, len(Sy) + len(Sx) - 1], R), np.concatenate((rows, rows)))
-    lab, k = _labels(E, nq), R * (len(Sy) - 1)
-    p0, c0, r0, s0, n0 = _clump_runs(lab[:k].reshape(R, -1), y_by_x, tx)
-    p1, c1, r1, s1, n1 = _clump_runs(lab[k:].reshape(R, -1), x_by_y, ty)
-    prob, clump, row, size, p = (np.concatenate(v) for v in ((p0, p1 + R), (c0, c1), (r0, r1), (s0, s1), (n0, n1)))
-    xmax = np.concatenate((cols, cols))
-    clump, p = _superclumps(prob, clump, size, p, np.maximum((c * xmax).astype(np.int64), 1))
-    return _fill(_all_mi(prob, clump, row, size, p, nq, xmax, T, n), nq, rows, xmax, K)
+    xmax = np.concatenate((cols, cols)); I = np.zeros((2 * R, int(cols.max()) + 1))
+    step = max(1, _POINTS // (2 * n))                                     # at most _POINTS points in a chunk's runs
+    for r0 in range(0, R, step):
+        i0 = np.arange(r0, min(r0 + step, R)); idx = np.concatenate((i0, i0 + R))
+        Ic = _chunk_mi(E[idx], nq[idx], xmax[idx], (y_by_x, tx), (x_by_y, ty), c, T)
+        I[idx, :Ic.shape[1]] = Ic
+    return _fill(I, nq, rows, xmax, K)
 
 # %% ../nbs/03c_metrics.ipynb #319d3e35
 def _fill(I: np.ndarray, nq: np.ndarray, rows: np.ndarray, xmax: np.ndarray, K: int) -> np.ndarray:
@@ -301,6 +303,16 @@ def _fill(I: np.ndarray, nq: np.ndarray, rows: np.ndarray, xmax: np.ndarray, K: 
     return np.fmax(M[0], M[1])
 
 def mic(x, y, alpha=0.6, c=15): return float(np.nanmax(mine_matrix(x, y, alpha, c)))
+
+# %% ../nbs/03c_metrics.ipynb #ae3a237b
+def _chunk_mi(E, nq, xmax, ax0, ax1, c, T) -> np.ndarray:
+    "`I` of problems whose first half has rows on y (`ax0` = b group of each x-sorted point, x's ties), second half on x."
+    h = len(E) // 2
+    p0, c0, r0, s0, n0 = _clump_runs(_labels(E[:h], nq[:h]).reshape(h, -1), *ax0)
+    p1, c1, r1, s1, n1 = _clump_runs(_labels(E[h:], nq[h:]).reshape(h, -1), *ax1)
+    prob, clump, row, size, p = (np.concatenate(v) for v in ((p0, p1 + h), (c0, c1), (r0, r1), (s0, s1), (n0, n1)))
+    clump, p = _superclumps(prob, clump, size, p, np.maximum((c * xmax).astype(np.int64), 1))
+    return _all_mi(prob, clump, row, size, p, nq, xmax, T, len(T) - 1)
 
 # %% ../nbs/03c_metrics.ipynb #daef1817
 def _check_xy(x, y) -> tuple[np.ndarray, np.ndarray]:

@@ -242,6 +242,17 @@ def test_mine_matrix_equals_one_problem_at_a_time_n2000():
         np.testing.assert_allclose(mine_matrix(x, y), _mine_matrix_reference(x, y), rtol=0, atol=1e-12, equal_nan=True)
 
 
+def test_mine_matrix_in_chunks_equals_one_problem_at_a_time(monkeypatch):
+    "Problems run in chunks of at most `_POINTS` points (memory stays bounded at large n); any chunking gives the same matrix."
+    import dvt.metrics as dm
+    rng = np.random.default_rng(10); x = rng.random(400)
+    for y in (x ** 2, np.round(5 * x), np.sin(5 * x) + 0.3 * rng.standard_normal(400)):
+        ref = _mine_matrix_reference(x, y)
+        for points in (1, 2000, 9000):                                  # one row count per chunk, a few, all but one
+            monkeypatch.setattr(dm, "_POINTS", points)
+            np.testing.assert_allclose(mine_matrix(x, y), ref, rtol=0, atol=1e-12, equal_nan=True)
+
+
 def test_mic_noiseless_faster_than_one_problem_at_a_time():
     "The point of batching: a noiseless relation at n = 2,000 runs well under the one-at-a-time time (about 2.7x faster)."
     import time
