@@ -24,7 +24,7 @@ from .metrics import confusion_matrix, seg_scores, depth_metrics, mean_metrics
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'Extractor', 'SEG_PROBE_PRESETS', 'DEPTH_PROBE_PRESETS', 'grid_spec', 'pad_to_grid', 'extract',
-           'prepare_extractor', 'progress', 'LinearSegHead', 'DepthHead', 'GlobalBatchNorm2d', 'SegProbeConfig',
+           'prepare_extractor', 'progress', 'GlobalBatchNorm2d', 'LinearSegHead', 'DepthHead', 'SegProbeConfig',
            'DepthProbeConfig', 'seg_probe_config', 'depth_probe_config', 'SegTrainSet', 'seg_logits',
            'backbone_fingerprint', 'dataset_fingerprint', 'probe_fingerprint', 'save_probe_state', 'load_probe_state',
            'save_probe_result', 'load_probe_result', 'iteration_generator', 'IterationBatches', 'fit_probe',
@@ -86,6 +86,28 @@ def progress(n: int, desc: str):
     from tqdm.auto import tqdm
     return tqdm(total=n, desc=desc, leave=False, disable=dist_info()[0] != 0)
 
+# %% ../nbs/03e_probes.ipynb #6a2f9c13
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    "`nn.BatchNorm2d` whose training statistics are the global batch's under `torchrun` (all-reduced sums); plain in one process."
+    def forward(self, x: torch.Tensor) -> torch.Tensor:       # x (B, C, h, w) -> (B, C, h, w)
+        if not self.training or dist_info()[1] == 1: return super().forward(x)
+        if x.requires_grad:
+            raise RuntimeError("GlobalBatchNorm2d normalises frozen features (no gradient into them); use nn.SyncBatchNorm "
+                               "on GPUs to train through the statistics.")
+        import torch.distributed as dist
+        C = x.shape[1]; xd = x.detach().double()
+        sums = torch.cat([xd.new_tensor([xd.numel() / C]), xd.sum((0, 2, 3)), (xd * xd).sum((0, 2, 3))])   # (1 + 2C,)
+        dist.all_reduce(sums)                                  # count, sum, sum of squares over every process
+        n, mean = sums[0], sums[1:C + 1] / sums[0]
+        var = (sums[C + 1:] / n - mean * mean).clamp_min(0)    # biased: the one the batch is normalised with
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
+                self.running_var.mul_(1 - m).add_(m * (var * n / (n - 1)).to(self.running_var.dtype))
+        return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), self.weight, self.bias, False, 0.0, self.eps)
+
 # %% ../nbs/03e_probes.ipynb #d397fbfb
 class LinearSegHead(nn.Module):
     "BN + 1x1 conv: tokens `(B, h, w, C)` -> class logits `(B, K, h, w)`; `generator` seeds the initial weights."
@@ -116,28 +138,6 @@ class DepthHead(nn.Module):
         if self.head == "linear": return F.relu(z) + self.min_depth
         wts = F.relu(z) + 0.1
         return torch.einsum("bkhw,k->bhw", wts / wts.sum(1, keepdim=True), self.bins)[:, None]
-
-# %% ../nbs/03e_probes.ipynb #6a2f9c13
-class GlobalBatchNorm2d(nn.BatchNorm2d):
-    "`nn.BatchNorm2d` whose training statistics are the global batch's under `torchrun` (all-reduced sums); plain in one process."
-    def forward(self, x: torch.Tensor) -> torch.Tensor:       # x (B, C, h, w) -> (B, C, h, w)
-        if not self.training or dist_info()[1] == 1: return super().forward(x)
-        if x.requires_grad:
-            raise RuntimeError("GlobalBatchNorm2d normalises frozen features (no gradient into them); use nn.SyncBatchNorm "
-                               "on GPUs to train through the statistics.")
-        import torch.distributed as dist
-        C = x.shape[1]; xd = x.detach().double()
-        sums = torch.cat([xd.new_tensor([xd.numel() / C]), xd.sum((0, 2, 3)), (xd * xd).sum((0, 2, 3))])   # (1 + 2C,)
-        dist.all_reduce(sums)                                  # count, sum, sum of squares over every process
-        n, mean = sums[0], sums[1:C + 1] / sums[0]
-        var = (sums[C + 1:] / n - mean * mean).clamp_min(0)    # biased: the one the batch is normalised with
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
-                self.running_var.mul_(1 - m).add_(m * (var * n / (n - 1)).to(self.running_var.dtype))
-        return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), self.weight, self.bias, False, 0.0, self.eps)
 
 # %% ../nbs/03e_probes.ipynb #124ce3cc
 @dataclass
