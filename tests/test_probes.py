@@ -223,12 +223,14 @@ def test_torchrun_two_processes_match_one(root, tmp_path):
     """`torchrun --nproc_per_node 2` (gloo, CPU) gives the heads and metrics of one process with the same global batch
     (3 samples: uneven shares 2 + 1), resumes a checkpoint written by one process, and only rank 0 writes files."""
     import json, os, subprocess, sys
+    import torch.distributed as dist
     from dvt.evaljobs import JobEnv, run_job
     bb = PlantedBackbone("tiny")
     seg_kw, dep_kw = dict(iters=4, batch_size=3, save_every=2), dict(iters=3, batch_size=2, crop=(64, 80), bn=True)
     ref_seg = run_seg_probe(bb, root, "voc", SegProbeConfig.smoke(**seg_kw))
     ref_dep = run_depth_probe(bb, root, DepthProbeConfig.smoke(**dep_kw))
     ref_job = run_job("planted", "baseline", "voc", "smoke", JobEnv(results=tmp_path / "one", data_root=root, device="cpu"))
+    assert not dist.is_initialized() and ref_seg["processes"] == 1        # one process: no process group
     with pytest.raises(Killed):                                   # one process stops after iteration 3: its checkpoint is at 2
         run_seg_probe(bb, root, "voc", SegProbeConfig.smoke(**seg_kw), checkpoint_dir=tmp_path / "ck", on_step=_kill_at(3))
     script = tmp_path / "worker.py"; script.write_text(_TORCHRUN_WORKER)
