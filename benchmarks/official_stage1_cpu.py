@@ -17,7 +17,7 @@ Both sides then see the same image (skimage astronaut as an 8-bit PNG), the same
 same crops and flips (the official RandomResizedCropFlip draws them; dvt gets them by replacing `make_views` for the run),
 the same initial parameters (copied from the official modules into dvt's model) and the same token draws per step (the
 official `np.random.randint` draws, mapped to dvt's pool order, replace dvt's counter-based `draw_tokens` for the run).
-Written to WORK: official.pt, dvt.pt and report.json (per-step losses, F on the full image, G; final h; first difference).
+Written to WORK: official.pt, dvt.pt and report_POOL_OPS.json (per-step losses, F on the full image, G; final h; first difference).
 """
 from __future__ import annotations
 import argparse, importlib.util, json, os, subprocess, sys, tempfile, types
@@ -38,6 +38,7 @@ def _args(argv=None):
     ap.add_argument("--dump", default="0,1", help="steps whose gradients and full parameters are saved for bisection")
     ap.add_argument("--pool", choices=("official", "dvt"), default="official",
                     help="tokens the dvt fit uses: the official extraction's (isolates the fit) or dvt's own (end to end)")
+    ap.add_argument("--ops", choices=("official", "fused"), default="official", help="dvt's fit arithmetic (the paper preset: official)")
     ap.add_argument("--reuse", action="store_true", help="reuse WORK/official.pt from an earlier run (same arguments)")
     ap.add_argument("--side", default="both", choices=("both", "official"), help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -218,7 +219,7 @@ def run_dvt(a, work: Path, png: Path, wts: Path, off: dict) -> dict:
     from dvt.contract import make_backbone
     from dvt.views import ViewSet, view_coords
     V, T = a.views, a.steps
-    cfg = S.stage1_config("paper", n_views=V, steps=T, compile="off")
+    cfg = S.stage1_config("paper", n_views=V, steps=T, compile="off", ops=a.ops)
     bb = make_backbone(MODEL, pretrained=False, checkpoint=str(wts))
     (H, W), p, s, (h, w) = S.stage1_geometry(bb, cfg)
     hw = h * w
@@ -290,7 +291,7 @@ def compare(a, off: dict, ours: dict) -> dict:
     nf = 8
     H, W = ours["image"].shape[-2:]
     h, w = ours["coords"].shape[1:3]
-    rep = dict(views=V, steps=T, pool=a.pool, official_args={k: off["args"][k] for k in ("num_iters", "warmup_iters", "lr", "min_lr",
+    rep = dict(views=V, steps=T, pool=a.pool, ops=a.ops, official_args={k: off["args"][k] for k in ("num_iters", "warmup_iters", "lr", "min_lr",
                "weight_decay", "pixel_bsz", "freeze_shared_artifacts_after", "n_levels", "dtype", "layer_index")})
     # inputs
     oc = torch.cat([off["coords"][V:], off["coords"][:V]])
@@ -343,7 +344,7 @@ def main(argv=None):
     off = torch.load(work / "official.pt", weights_only=False)
     ours = run_dvt(a, work, png, wts, off)
     rep = compare(a, off, ours)
-    (work / "report.json").write_text(json.dumps(rep, indent=1))
+    (work / f"report_{a.pool}_{a.ops}.json").write_text(json.dumps(rep, indent=1))
     print(json.dumps({k: v for k, v in rep.items() if k != "per_step"}, indent=1))
     for s in rep["per_step"]:
         print(f"step {s['step']:3d} loss off {s['loss_official']:.9g} dvt {s['loss_dvt']:.9g} rel {s['loss_rel']:.2e} "

@@ -55,7 +55,7 @@ class Stage1Config:
     extract_batch: int = 32            # views per backbone call
     extract_dtype: str = "auto"        # "auto": bfloat16 autocast on CUDA, float32 on CPU; or "float32" / "bfloat16"
     fit_dtype: str = "float32"         # "bfloat16": the fit under bfloat16 autocast (the official --dtype option)
-    compile: str = "auto"              # fit step: "off" (eager), "on" (torch.compile), "graph" (+ CUDA graphs); "auto": graph on CUDA
+    compile: str = "auto"              # fit step: "off" (eager), "on" (torch.compile), "graph" (+ CUDA graphs); "auto": graph on CUDA unless ops="official"
     # fidelity switches, each set to the official code's behaviour by the `paper` preset (see "Faithful to the official code")
     warmup_kind: str = "linear+1"      # "linear": lr*step/w, 0 at step 0 (official); "linear+1": lr*(step+1)/w
     switch_after: bool = False         # True: phase 2 from step int(switch*steps) + 1 (official `>`); False: from int(switch*steps)
@@ -435,7 +435,7 @@ def draw_tokens(lanes: torch.Tensor, step: torch.Tensor, pool: int) -> torch.Ten
 class _StepRunner:
     "Calls `step_loss` eagerly or compiled, per `cfg.compile`; falls back to eager (with a warning) if compiling fails."
     def __init__(self, cfg: Stage1Config, dev: torch.device):
-        mode = cfg.compile if cfg.compile != "auto" else ("graph" if dev.type == "cuda" else "off")
+        mode = cfg.compile if cfg.compile != "auto" else ("graph" if dev.type == "cuda" and cfg.ops == "fused" else "off")   # official: eager
         self.fn, self.mode = step_loss, mode
         if mode != "off":
             self.fn = torch.compile(step_loss, fullgraph=True, dynamic=False, mode="reduce-overhead" if mode == "graph" and dev.type == "cuda" else None)
