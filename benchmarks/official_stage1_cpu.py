@@ -17,7 +17,7 @@ Both sides then see the same image (skimage astronaut as an 8-bit PNG), the same
 same crops and flips (the official RandomResizedCropFlip draws them; dvt gets them by replacing `make_views` for the run),
 the same initial parameters (copied from the official modules into dvt's model) and the same token draws per step (the
 official `np.random.randint` draws, mapped to dvt's pool order, replace dvt's counter-based `draw_tokens` for the run).
-Written to WORK: official.pt, dvt.pt and report_POOL_OPS.json (per-step losses, F on the full image, G; final h; first difference).
+Written to WORK: official.pt, dvt.pt and report_DEVICE_POOL_OPS.json (per-step losses, F on the full image, G; final h; first difference).
 """
 from __future__ import annotations
 import argparse, importlib.util, json, os, subprocess, sys, tempfile, types
@@ -39,6 +39,10 @@ def _args(argv=None):
     ap.add_argument("--pool", choices=("official", "dvt"), default="official",
                     help="tokens the dvt fit uses: the official extraction's (isolates the fit) or dvt's own (end to end)")
     ap.add_argument("--ops", choices=("official", "fused"), default="official", help="dvt's fit arithmetic (the paper preset: official)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu: the stand-ins above (GPUs hidden); cuda: the official side with the real tiny-cuda-nn and GradScaler")
+    ap.add_argument("--repeat", action="store_true", help="run the official loop twice and report its own run-to-run difference")
+    ap.add_argument("--official-file", default="official.pt", help=argparse.SUPPRESS)
     ap.add_argument("--reuse", action="store_true", help="reuse WORK/official.pt from an earlier run (same arguments)")
     ap.add_argument("--side", default="both", choices=("both", "official"), help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -67,8 +71,8 @@ def prepare_inputs(work: Path) -> tuple[Path, Path]:
 
 
 # ----------------------------------------------------------------------------------------------------------- official side
-def _install_shims(fields, wts: Path):
-    "The stand-ins for CUDA-only pieces, installed before the official modules are imported (see the module docstring)."
+def _install_shims(fields, wts: Path, device: str = "cpu"):
+    "The stand-ins for CUDA-only pieces (with device 'cpu'), installed before the official modules are imported (see the docstring)."
     import timm, torch.nn as nn
     from safetensors.torch import load_file
 
@@ -89,7 +93,7 @@ def _install_shims(fields, wts: Path):
             rows, w = self.layout.corners(x[None])
             return fields.grid_features(self.params.view(1, -1, self.nf), rows, w)[0]
 
-    sys.modules["tinycudann"] = types.SimpleNamespace(Encoding=Encoding)
+    if device == "cpu": sys.modules["tinycudann"] = types.SimpleNamespace(Encoding=Encoding)
     def unused(*a, **k): raise RuntimeError("the official visualisation is not run by this harness")
     for name in ("dvt.utils.visualization", "dvt.utils.visualization.visualization_tools"):   # needs jaxtyping, torch_kmeans; unused
         sys.modules[name] = types.SimpleNamespace(visualize_offline_denoised_samples=unused, __path__=[])
@@ -97,7 +101,7 @@ def _install_shims(fields, wts: Path):
     class Scaler:                                                      # torch.amp.GradScaler("cuda", 2**10) as on a GPU
         def __init__(self, device="cuda", init_scale=2.0**16, *a, **k): self._scale = torch.full((), float(init_scale))
         def scale(self, outputs): return outputs * self._scale
-    torch.amp.GradScaler = Scaler
+    if device == "cpu": torch.amp.GradScaler = Scaler
 
     real_create = timm.create_model
     def create_model(name, pretrained=False, **kw):
@@ -113,7 +117,7 @@ def _install_shims(fields, wts: Path):
 def run_official(a, work: Path, png: Path, wts: Path):
     "Run the official `main()` with the shims, recording its inputs, initial parameters and every step."
     fields = _fields_module()
-    _install_shims(fields, wts)
+    _install_shims(fields, wts, a.device)
     sys.path.insert(0, str(Path(a.official).resolve()))
     import main_img_denoising as mid
     import dvt.models as DVT
@@ -178,7 +182,15 @@ def run_official(a, work: Path, png: Path, wts: Path):
     mid.main(args)
     rec["draws"] = torch.stack(rec["draws"]); rec["F"] = torch.stack(rec["F"]); rec["G"] = torch.stack(rec["G"])
     rec.pop("full_coords")
-    torch.save(rec, work / "official.pt")
+    torch.save(_cpu(rec), work / a.official_file)
+
+
+def _cpu(x):
+    "`x` (tensors in dicts and lists) on the CPU."
+    if isinstance(x, torch.Tensor): return x.detach().cpu()
+    if isinstance(x, dict): return {k: _cpu(v) for k, v in x.items()}
+    if isinstance(x, list): return [_cpu(v) for v in x]
+    return x
 
 
 def _official_named(mods) -> dict:
@@ -219,8 +231,9 @@ def run_dvt(a, work: Path, png: Path, wts: Path, off: dict) -> dict:
     from dvt.contract import make_backbone
     from dvt.views import ViewSet, view_coords
     V, T = a.views, a.steps
-    cfg = S.stage1_config("paper", n_views=V, steps=T, compile="off", ops=a.ops)
-    bb = make_backbone(MODEL, pretrained=False, checkpoint=str(wts))
+    cfg = S.stage1_config("paper", n_views=V, steps=T, compile="off", ops=a.ops, device=a.device)
+    dev = torch.device(a.device)
+    bb = make_backbone(MODEL, pretrained=False, checkpoint=str(wts)).to(dev)
     (H, W), p, s, (h, w) = S.stage1_geometry(bb, cfg)
     hw = h * w
     crops = torch.tensor(off["crops"], dtype=torch.long)                                    # (V, 4) top, left, height, width
@@ -244,15 +257,15 @@ def run_dvt(a, work: Path, png: Path, wts: Path, off: dict) -> dict:
             rec["F"].append(st.F(full.view(1, -1, 2))[0].view(h, w, -1).clone()); rec["G"].append(st.table[0].view(h, w, -1).clone())
         if t in dump: rec["params"][t] = {k: v.detach().clone() for k, v in _dvt_named(st).items()}
         t_box[0] += 1
-    full = official_views.coords[0]
+    full = official_views.coords[0].to(dev)
     try:
         S.make_views = lambda *x, **k: official_views
         S.draw_tokens = lambda lanes, st, M: dvt_draws[int(st)][None].to(lanes.device)
         S.NoiseModelStack, S.GroupAdam.step = Stack, step
-        item = S.prepare_fit(bb, png, cfg, "cpu")
-        rec["coords"], rec["image"], rec["pool_own"] = item.views.coords.clone(), item.image.clone(), item.pool.clone()
+        item = S.prepare_fit(bb, png, cfg, dev)
+        rec["coords"], rec["image"], rec["pool_own"] = item.views.coords.clone(), item.image.clone(), item.pool.cpu()
         if a.pool == "official":                                                             # the official tokens, in dvt's order
-            item.pool = torch.cat([off["pool"][V:], off["pool"][:V]]).clone(); item.raw = off["pool"][V].clone()
+            item.pool = torch.cat([off["pool"][V:], off["pool"][:V]]).to(dev); item.raw = off["pool"][V].to(dev)
         nf = item.model.F.grid.n_features
         m = item.model
         with torch.no_grad():                                                                # the official initial parameters
@@ -261,11 +274,12 @@ def run_dvt(a, work: Path, png: Path, wts: Path, off: dict) -> dict:
             for mlp, pre in ((m.F.mlp, "F"), (m.h.mlp, "h")):
                 for i, lin in enumerate([l for l in mlp if isinstance(l, torch.nn.Linear)]):
                     lin.weight.copy_(init[f"{pre}.w{i}"].T); lin.bias.copy_(init[f"{pre}.b{i}"])
-        res = S.fit_prepared([item], "cpu")[0]
+        res = S.fit_prepared([item], dev)[0]
     finally:
         S.make_views, S.draw_tokens, S.NoiseModelStack, S.GroupAdam.step = real_make_views, real_draw, real_stack, real_step
     rec.update(losses=res.losses, final_F=res.clean, final_G=res.artifact, final_h=res.residual, raw=res.raw,
                F=torch.stack(rec["F"]), G=torch.stack(rec["G"]))
+    rec = _cpu(rec)
     torch.save(rec, work / "dvt.pt")
     return rec
 
@@ -337,14 +351,20 @@ def main(argv=None):
     png, wts = prepare_inputs(work)
     if a.side == "official": return run_official(a, work, png, wts)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}                        # the official package owns `dvt` there
-    cmd = [sys.executable, __file__, a.official, "--side", "official", "--views", str(a.views), "--steps", str(a.steps),
-           "--work", str(work), "--dump", a.dump]
-    if not (a.reuse and (work / "official.pt").exists()):
-        subprocess.run(cmd, check=True, env={**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, cwd=str(work))
-    off = torch.load(work / "official.pt", weights_only=False)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **({"CUDA_VISIBLE_DEVICES": ""} if a.device == "cpu" else {}))
+    for name in ("official.pt", "official_b.pt") if a.repeat else ("official.pt",):
+        cmd = [sys.executable, __file__, a.official, "--side", "official", "--views", str(a.views), "--steps", str(a.steps),
+               "--work", str(work), "--dump", a.dump, "--device", a.device, "--official-file", name]
+        if not (a.reuse and (work / name).exists()): subprocess.run(cmd, check=True, env=env, cwd=str(work))
+    off = torch.load(work / "official.pt", weights_only=False, map_location="cpu")
     ours = run_dvt(a, work, png, wts, off)
     rep = compare(a, off, ours)
-    (work / f"report_{a.pool}_{a.ops}.json").write_text(json.dumps(rep, indent=1))
+    rep["device"] = a.device
+    if a.repeat:                                                                             # the official loop against itself
+        o2 = torch.load(work / "official_b.pt", weights_only=False, map_location="cpu")
+        rep["official_vs_itself"] = dict(F=diff(o2["F"][-1], off["F"][-1]), G=diff(o2["G"][-1], off["G"][-1]), h=diff(o2["h_full"], off["h_full"]),
+                                         loss_rel=max(abs(x[0] - y[0]) / abs(y[0]) for x, y in zip(o2["losses"], off["losses"])))
+    (work / f"report_{a.device}_{a.pool}_{a.ops}.json").write_text(json.dumps(rep, indent=1))
     print(json.dumps({k: v for k, v in rep.items() if k != "per_step"}, indent=1))
     for s in rep["per_step"]:
         print(f"step {s['step']:3d} loss off {s['loss_official']:.9g} dvt {s['loss_dvt']:.9g} rel {s['loss_rel']:.2e} "
