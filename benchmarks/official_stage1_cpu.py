@@ -3,7 +3,8 @@
 Usage (one thread; the official checkout is `Jiawei-Yang/Denoising-ViT`, commit 82704df):
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONPATH=. python benchmarks/official_stage1_cpu.py /path/to/Denoising-ViT \
-        [--views 16] [--steps 40] [--work DIR] [--dump 0,1]
+        [--views 16] [--steps 40] [--work DIR] [--dump 0,1] [--pool official|dvt] [--ops official|fused] [--repeat]
+    # on a CUDA machine with tiny-cuda-nn: the same with --device cuda (no stand-ins on the official side)
 
 The official side runs in a child process (its package is also called `dvt`) with the official code imported from the
 given path at run time; nothing of it is copied here. Only CUDA-only pieces are replaced there:
