@@ -150,7 +150,7 @@ def _stage1_protocol(job: Job) -> dict:
 
 def _train_protocol(job: Job) -> dict:
     "The stage-1 / stage-2 (train) or stage-3 (distill) settings of a training job."
-    from dvt.denoiser import DENOISER_PRESETS
+    from dvt.denoiser_train import DENOISER_PRESETS
     from dvt.distillation import DISTILL_PRESETS
     prof = job.profile
     n = {"smoke": 2, "rehearsal": 2, "full": 10_000}[prof]
@@ -291,7 +291,7 @@ def weights_file_input(kind: str, name: str, path, env: JobEnv, fix: str) -> Inp
 # %% ../nbs/07_evaljobs.ipynb #013c2c8e
 def released_denoiser_input(model: str, profile: str, env: JobEnv) -> Input:
     "The released `voc_denoised` denoiser of `model`: a local .pth, the Hugging Face cache, or missing with the download command."
-    from dvt.denoiser import OFFICIAL_REPO
+    from dvt.denoiser_io import OFFICIAL_REPO
     fname = f"voc_denoised/{model}.pth"
     given = (env.denoisers or {}).get(model)
     if given: return weights_file_input("denoiser", model, given, env, f"or download {fname} from huggingface.co/{OFFICIAL_REPO}")
@@ -568,13 +568,16 @@ def run_job(model: str, variant: str, task: str, profile: str = "full", env: Job
     path = job.result_path(env.results)
     old = read_result(path)
     if old and old["fingerprint"] == card["fingerprint"] and not force: return old
-    if _rank() != 0 and job.kind == "eval": return {}                        # the probes are single-process
+    ddp = job.task in ("voc", "ade", "nyu")                                   # the probes use every torchrun process (DDP)
+    if _rank() != 0 and job.kind == "eval" and not ddp: return {}             # the other evaluations run on rank 0 alone
     with (_file_lock(path.with_suffix(".lock"), wait=False) if _rank() == 0 else contextlib.nullcontext()):
         old = read_result(path)                                    # another process may have finished it meanwhile
         if old and old["fingerprint"] == card["fingerprint"] and not force: return old
-        if old: os.replace(path, path.with_name(f"{path.stem}.stale-{old['fingerprint'][:12]}.json"))
+        if old and _rank() == 0: os.replace(path, path.with_name(f"{path.stem}.stale-{old['fingerprint'][:12]}.json"))
         t0 = time.time()
-        try: metrics, extra = _compute(job, env, ins, env.work_dir(job, card["fingerprint"]))
+        try:
+            from dvt.probes import probe_group                             # under torchrun: join before the extractor is placed
+            with (probe_group() if ddp else contextlib.nullcontext()): metrics, extra = _compute(job, env, ins, env.work_dir(job, card["fingerprint"]))
         except Exception as e:
             if _rank() == 0: atomic_write_json(path.with_suffix(".failed.json"), {"fingerprint": card["fingerprint"], "error": f"{type(e).__name__}: {e}"})
             raise
@@ -695,7 +698,8 @@ def _run_mic(job, env, ex, work, dev) -> tuple[dict, dict]:
 # %% ../nbs/07_evaljobs.ipynb #da7d9410
 def _run_train(job, env, paths, work, dev) -> tuple[dict, dict]:
     from dvt.stage1_data import denoise_folder
-    from dvt.denoiser import TrainConfig, train_denoiser, distributed_run
+    from dvt.train import TrainConfig, distributed_run
+    from dvt.denoiser_train import train_denoiser
     import torch.distributed as dist
     pr = protocol(job); s1 = pr["stage1"]
     images = resolve_image_list(paths["data:train list"], data_root_for(job.profile, env))[:pr["images"]]
@@ -730,7 +734,9 @@ def _history(folder: Path) -> list[float]:
 # %% ../nbs/07_evaljobs.ipynb #616cdfa1
 def _run_distill(job, env, paths, work, dev) -> tuple[dict, dict]:
     from dvt.distillation import make_student, distill
-    from dvt.denoiser import TrainConfig, DenoisedBackbone, load_denoiser, distributed_run
+    from dvt.train import TrainConfig, distributed_run
+    from dvt.denoiser import DenoisedBackbone
+    from dvt.denoiser_io import load_denoiser
     from dvt.backbones import save_backbone
     pr = protocol(job)
     images = resolve_image_list(paths["data:train list"], data_root_for(job.profile, env))[:pr["images"]]
