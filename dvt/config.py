@@ -76,12 +76,13 @@ def lr_schedule(step: int,                 # 0-based optimiser step
     if decay not in DECAYS: raise ValueError(f"decay={decay!r}; use one of {DECAYS}.")
     w = warmup if isinstance(warmup, int) else int(warmup * total)
     if warmup_kind == "scaled":
-        rate = min_lr + (lr - min_lr) * _decay(min(step / max(total, 1), 1.0), decay, power)
+        rate = min_lr + (lr - min_lr) * _decay(min(step / max(total, 1), 1.0), 1, decay, power)
         return rate * (warmup_ratio + (1 - warmup_ratio) * step / w) if step < w else rate
     if step < w: return lr * (step + (warmup_kind == "linear+1")) / w
-    return min_lr + (lr - min_lr) * _decay((step - w) / max(total - w, 1), decay, power)
+    return min_lr + (lr - min_lr) * _decay(step - w, max(total - w, 1), decay, power)
 
-def _decay(t: float, kind: str, power: float) -> float:
-    if kind == "cosine": return 0.5 * (1 + math.cos(math.pi * t))
+def _decay(n: float, d: int, kind: str, power: float) -> float:
+    "The decay factor after `n` of `d` steps; the cosine's angle is `pi * n / d` (DVT's `utils/misc.py` order, to the last bit)."
+    if kind == "cosine": return 0.5 * (1 + math.cos(math.pi * n / d))
     if kind == "constant": return 1.0
-    return (1 - t) ** (1.0 if kind == "linear" else power)
+    return (1 - n / d) ** (1.0 if kind == "linear" else power)

@@ -13,7 +13,7 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['level_resolutions', 'tcnn_levels', 'GridLayout', 'grid_features', 'MultiResGrid', 'SemanticField', 'grid_sample_taps',
-           'ArtifactField', 'ResidualPredictor', 'NoiseModel', 'NoiseModelStack']
+           'grid_nodes', 'ArtifactField', 'ResidualPredictor', 'NoiseModel', 'NoiseModelStack']
 
 # %% ../nbs/02b_fields.ipynb #c89d1af8
 def level_resolutions(n_levels: int, base_res: int, max_res: int) -> list[int]:
@@ -149,6 +149,11 @@ def grid_sample_taps(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     wts = yw[:, None, :, None] * xw[None, :, None, :]
     return rows.reshape(h * w, 4), wts.reshape(h * w, 4)
 
+def grid_nodes(h: int, w: int) -> torch.Tensor:
+    "The `(h*w, 2)` (x, y) coordinates at which the official code reads G: `linspace(-1, 1)` on both axes, rows y then x."
+    y, x = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    return torch.stack([x, y], -1).view(-1, 2)
+
 class ArtifactField(nn.Module):
     "G: a learnable `(h, w, C)` table over view-grid positions; flat positions `(N,)` -> `(N, C)`."
     def __init__(self, h: int, w: int,               # the view's token grid
@@ -160,11 +165,13 @@ class ArtifactField(nn.Module):
         self.read, self.table = read, nn.Parameter(torch.randn(h, w, dim) * init_std)
         rows, wts = grid_sample_taps(h, w) if read == "grid_sample" else (torch.arange(h * w)[:, None], torch.ones(h * w, 1))
         self.register_buffer("tap_rows", rows, persistent=False); self.register_buffer("tap_w", wts, persistent=False)
+        self.register_buffer("nodes", grid_nodes(h, w), persistent=False)     # (h*w, 2) the official read's coordinates
 
     def forward(self, pos: torch.Tensor) -> torch.Tensor:
         t = self.table.view(-1, self.table.shape[-1])
         if self.read == "index": return t.index_select(0, pos)          # deterministic backward on CPU (indexing is not)
-        return (t.index_select(0, self.tap_rows[pos].view(-1)).view(*pos.shape, 4, -1) * self.tap_w[pos].unsqueeze(-1)).sum(-2)
+        g = F.grid_sample(self.table.permute(2, 0, 1)[None], self.nodes[pos].view(1, 1, -1, 2), mode="bilinear", align_corners=True)
+        return g[0, :, 0].T.reshape(*pos.shape, -1)                     # the op itself: its arithmetic on every device
 
 # %% ../nbs/02b_fields.ipynb #3d679e8c
 class ResidualPredictor(nn.Module):
@@ -234,7 +241,7 @@ class NoiseModelStack(nn.Module):
         K, hw = self.table.shape[:2]
         self.register_buffer("row0", torch.arange(K, device=self.table.device)[:, None] * hw, persistent=False)  # (K, 1) first row of each image
         self.register_buffer("k0", torch.arange(K, device=self.table.device).view(K, 1, 1, 1) * self.grid_table.shape[1], persistent=False)
-        self.register_buffer("tap_rows", m0.G.tap_rows.clone(), persistent=False); self.register_buffer("tap_w", m0.G.tap_w.clone(), persistent=False)
+        self.register_buffer("nodes", m0.G.nodes.clone(), persistent=False); self.g_grid = tuple(m0.G.table.shape[:2])   # G's official read
         self.h_w, self.h_b = _stacked_mlp([m.h.mlp for m in models])
 
     def __len__(self) -> int: return len(self.members)
@@ -252,8 +259,9 @@ def G(self: NoiseModelStack, pos: torch.Tensor) -> torch.Tensor:
     K, hw, C = self.table.shape
     t = self.table.view(-1, C)
     if self.g_read == "index": return t.index_select(0, (pos + self.row0).reshape(-1)).view(K, -1, C)   # rows of the (K·hw, C) table
-    rows = (self.tap_rows[pos] + self.row0[..., None]).view(-1)                           # (K·N·4,) the 4 taps of grid_sample
-    return (t.index_select(0, rows).view(K, -1, 4, C) * self.tap_w[pos].unsqueeze(-1)).sum(-2)
+    tab = self.table.view(K, *self.g_grid, C).permute(0, 3, 1, 2)                         # (K, C, h, w) as the official (1, C, h, w)
+    g = F.grid_sample(tab, self.nodes[pos].unsqueeze(1), mode="bilinear", align_corners=True)  # (K, C, 1, N)
+    return g[:, :, 0].transpose(1, 2)                                                      # (K, N, C), the official's strides
 
 @patch
 def h(self: NoiseModelStack, y: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ class Stage1Config:
     extract_batch: int = 32            # views per backbone call
     extract_dtype: str = "auto"        # "auto": bfloat16 autocast on CUDA, float32 on CPU; or "float32" / "bfloat16"
     fit_dtype: str = "float32"         # "bfloat16": the fit under bfloat16 autocast (the official --dtype option)
-    compile: str = "auto"              # fit step: "off" (eager), "on" (torch.compile), "graph" (+ CUDA graphs); "auto": graph on CUDA
+    compile: str = "auto"              # fit step: "off" (eager), "on" (torch.compile), "graph" (+ CUDA graphs); "auto": graph on CUDA unless ops="official"
     # fidelity switches, each set to the official code's behaviour by the `paper` preset (see "Faithful to the official code")
     warmup_kind: str = "linear+1"      # "linear": lr*step/w, 0 at step 0 (official); "linear+1": lr*(step+1)/w
     switch_after: bool = False         # True: phase 2 from step int(switch*steps) + 1 (official `>`); False: from int(switch*steps)
@@ -65,12 +65,13 @@ class Stage1Config:
     g_read: str = "index"              # G's read: "index" (exact) or "grid_sample" (official, at linspace(-1, 1))
     loss_scale: float = 1.0            # loss multiplier before backward, never undone (official: 1024)
     disable_pe: bool = False; residual: bool = True   # G fixed at zero / h used in phase 2 (official options)
+    ops: str = "fused"                 # the fit's arithmetic: "fused" (fewer kernels) or "official" (the official calls, in its order)
 
 # %% ../nbs/02c_stage1.ipynb #9f50f9e0
 PRESETS = {
     "paper": Stage1Config(n_views=768, steps=25_000, n_levels=16, n_features=8, base_res=16, max_res=1024, tokens_per_step=2048,
                           weight_decay=1e-5, loss_scale=1024.0, warmup_kind="linear", switch_after=True, resize="pil_bilinear",
-                          coords="linspace", grid_kind="tcnn", g_read="grid_sample", extract_dtype="float32"),
+                          coords="linspace", grid_kind="tcnn", g_read="grid_sample", extract_dtype="float32", ops="official"),
     "smoke": Stage1Config(n_views=8, steps=60, n_levels=4, n_features=4, tokens_per_step=512),
     "default": Stage1Config(),
 }
@@ -91,7 +92,7 @@ def field_resolutions(cfg: Stage1Config, grid: tuple[int, int]) -> tuple[int, in
 # %% ../nbs/02c_stage1.ipynb #647b6978
 _CHOICES = dict(extract_dtype=("auto", "float32", "bfloat16"), fit_dtype=("float32", "bfloat16"), compile=("auto", "off", "on", "graph"),
                 warmup_kind=("linear", "linear+1"), resize=("bicubic", "pil_bilinear"), coords=("centre", "linspace"),
-                grid_kind=("dense", "tcnn"), g_read=("index", "grid_sample"))
+                grid_kind=("dense", "tcnn"), g_read=("index", "grid_sample"), ops=("fused", "official"))
 
 @patch
 def validate(cfg: Stage1Config) -> Stage1Config:
@@ -311,7 +312,8 @@ def fit_stack(stack: NoiseModelStack,     # K models to fit, stacked
     seeds = list(seeds)
     if len(seeds) != K or len(stack) != K: raise ValueError(f"{K} pools need {K} models and {K} seeds; got {len(stack)}, {len(seeds)}.")
     if cfg.disable_pe: stack.table.requires_grad_(False)
-    lrs = lr_table(cfg, dev) if dev.type == "cuda" else [lr_at(s, cfg) for s in range(cfg.steps)]   # CPU's fused Adam reads floats
+    fused_cuda = dev.type == "cuda" and cfg.ops == "fused"                                # CPU's fused Adam and torch.optim.Adam read floats
+    lrs = lr_table(cfg, dev) if fused_cuda else [lr_at(s, cfg) for s in range(cfg.steps)]
     opt = GroupAdam(dict(F=[stack.grid_table, *stack.f_w, *stack.f_b], G=[stack.table], h=[*stack.h_w, *stack.h_b]), cfg)
     losses, pool = torch.zeros(cfg.steps, K, 4, device=dev), _pool(y, coords, seeds, cfg.tokens_per_step)
     step_t, start2, run = torch.zeros((), dtype=torch.long, device=dev), phase2_start(cfg), _StepRunner(cfg, dev)
@@ -329,9 +331,11 @@ def _pool(y: torch.Tensor, coords: torch.Tensor, seeds, n: int) -> tuple:
 
 # %% ../nbs/02c_stage1.ipynb #52e358b8
 class GroupAdam:
-    "Adam with L2 weight decay (PyTorch's fused kernel) over named groups of parameters, one step count per group."
+    "Adam with L2 weight decay over named groups of parameters: PyTorch's fused kernel, or with `cfg.ops == 'official'` `torch.optim.Adam`."
     def __init__(self, groups: dict[str, list[torch.Tensor]], cfg: Stage1Config):
         self.groups, self.cfg, self.state = groups, cfg, {}
+        self.torch_adam = None if cfg.ops == "fused" else torch.optim.Adam(    # the official optimiser, its default implementation
+            [p for ps in groups.values() for p in ps], lr=0.0, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
     def _active(self) -> list[str]:
         "The groups whose parameters all have a gradient: the ones this step updates."
@@ -340,6 +344,7 @@ class GroupAdam:
     @torch.no_grad()
     def step(self, lr: float | torch.Tensor):
         "One Adam step of every group with gradients (then the gradients are dropped); `lr` a float or a 0-d device tensor."
+        if self.torch_adam is not None: return self._torch_step(lr)
         P, G, M, V, S = [], [], [], [], []
         for k in self._active():
             ps = self.groups[k]
@@ -350,6 +355,13 @@ class GroupAdam:
             P += ps; G += [p.grad for p in ps]; M += m; V += v; S += [n] * len(ps)
         if P: torch._fused_adam_(P, G, M, V, [], S, lr=lr, beta1=self.cfg.betas[0], beta2=self.cfg.betas[1],
                                  weight_decay=self.cfg.weight_decay, eps=self.cfg.eps, amsgrad=False, maximize=False)
+        for ps in self.groups.values():
+            for p in ps: p.grad = None
+
+    def _torch_step(self, lr: float):
+        "`torch.optim.Adam.step` at rate `lr` (parameters without a gradient are skipped, each keeps its own step count)."
+        for g in self.torch_adam.param_groups: g["lr"] = lr
+        self.torch_adam.step()
         for ps in self.groups.values():
             for p in ps: p.grad = None
 
@@ -369,8 +381,8 @@ def step_loss(stack: NoiseModelStack,   # K models, stacked
     xy = coords.view(K * M, 2).index_select(0, rows).view(K, -1, 2)                         # (K, B, 2)
     with torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=cfg.fit_dtype == "bfloat16"):
         f, g = stack.F(xy), stack.G(idx % hw)
-        pred, r = f + g, (stack.h(yt) if phase2 else None)
-        if phase2: pred = pred + r.detach()
+        pred, r = (g + f if cfg.ops == "official" else f + g), (stack.h(yt) if phase2 else None)   # official: G + F (its layout)
+        if phase2: pred = f + g + r.detach()
     return _losses(pred, yt, yinv.index_select(0, rows).view(K, -1), f, g, r, cfg)
 
 
@@ -378,6 +390,7 @@ def step_loss(stack: NoiseModelStack,   # K models, stacked
 def _losses(pred, yt, yinv, f, g, r, cfg: Stage1Config) -> tuple[torch.Tensor, torch.Tensor]:
     "The reconstruction (and, with `r`, h's) losses of predictions `(K, B, C)`; `yinv (K, B)` = 1 / max(|y|, 1e-8)."
     if cfg.fit_dtype == "bfloat16": pred, f, g, r = (t if t is None else t.float() for t in (pred, f, g, r))
+    if cfg.ops == "official": return _official_losses(pred, yt, f, g, r, cfg)
     n = 1 / yt[0].numel()                                                                   # means as sums: fewer kernels
     mse = F.mse_loss(pred, yt, reduction="none").sum((1, 2)) * n                            # (K,)
     cos = 1 - ((pred * yt).sum(-1) * yinv / pred.norm(dim=-1).clamp_min(1e-8)).sum(1) * (1 / yt.shape[1])   # F.cosine_similarity's eps
@@ -387,6 +400,20 @@ def _losses(pred, yt, yinv, f, g, r, cfg: Stage1Config) -> tuple[torch.Tensor, t
         h_loss = (cfg.h_weight * n) * F.mse_loss(r, (yt - f - g).detach(), reduction="none").sum((1, 2)) + (cfg.l1_weight * n) * r.abs().sum((1, 2))
         total = total + h_loss
     return total.sum() * cfg.loss_scale, torch.stack(torch.broadcast_tensors(total, mse, cos, h_loss), -1)
+
+# %% ../nbs/02c_stage1.ipynb #a1f3c9d2
+def _official_losses(pred, yt, f, g, r, cfg: Stage1Config) -> tuple[torch.Tensor, torch.Tensor]:
+    "`_losses` as the official code computes them, image by image: `F.mse_loss`, `F.cosine_similarity`, h's terms added last."
+    totals, rows = [], []
+    for k in range(pred.shape[0]):                                                          # (B, C) each, as the official batch
+        mse = F.mse_loss(pred[k], yt[k]); cos = 1 - F.cosine_similarity(pred[k], yt[k], dim=-1).mean()
+        total, h_loss = mse + cfg.cos_weight * cos, mse.new_zeros(())
+        if r is not None:
+            res = cfg.h_weight * F.mse_loss(r[k], (yt[k] - f[k] - g[k]).detach()); l1 = cfg.l1_weight * r[k].abs().mean()
+            total = total + res; total = total + l1; h_loss = res + l1                       # the official `loss +=` order
+        totals.append(total); rows.append(torch.stack([total, mse, cos, h_loss]))
+    return torch.stack(totals).sum() * cfg.loss_scale, torch.stack(rows)
+
 
 # %% ../nbs/02c_stage1.ipynb #22fddb71
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -408,7 +435,7 @@ def draw_tokens(lanes: torch.Tensor, step: torch.Tensor, pool: int) -> torch.Ten
 class _StepRunner:
     "Calls `step_loss` eagerly or compiled, per `cfg.compile`; falls back to eager (with a warning) if compiling fails."
     def __init__(self, cfg: Stage1Config, dev: torch.device):
-        mode = cfg.compile if cfg.compile != "auto" else ("graph" if dev.type == "cuda" else "off")
+        mode = cfg.compile if cfg.compile != "auto" else ("graph" if dev.type == "cuda" and cfg.ops == "fused" else "off")   # official: eager
         self.fn, self.mode = step_loss, mode
         if mode != "off":
             self.fn = torch.compile(step_loss, fullgraph=True, dynamic=False, mode="reduce-overhead" if mode == "graph" and dev.type == "cuda" else None)

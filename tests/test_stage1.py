@@ -105,6 +105,7 @@ def test_presets():
     fct.test_eq((p.weight_decay, p.loss_scale, p.warmup_kind, p.switch_after, p.resize, p.coords, p.grid_kind, p.g_read, p.extract_dtype,
                  p.fit_dtype, p.disable_pe, p.residual),
                 (1e-5, 1024.0, "linear", True, "pil_bilinear", "linspace", "tcnn", "grid_sample", "float32", "float32", False, True))
+    fct.test_eq((p.ops, PRESETS["default"].ops), ("official", "fused"))
     fct.test_close(lr_at(12_499, p), 1e-3 + 0.9e-2 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 9_999 / 22_500)).item()), eps=1e-8)
     # official utils/misc.py: lr * step / warmup_iters (0 at step 0); main_img_denoising.py: phase 2 when step > int(0.5 * T)
     fct.test_eq([lr_at(s, p) for s in (0, 1, 1250)], [0.0, 1e-2 / 2500, 1e-2 * 1250 / 2500])
@@ -253,7 +254,7 @@ def test_ops_per_step_budget():
     "Issue 17's measure (profiler aten:: events per fit step, nested ones included) at tiny sizes: the count does not depend on sizes."
     from torch.profiler import profile, ProfilerActivity
     def events(steps):
-        cfg = stage1_config("paper", steps=steps, tokens_per_step=64, compile="off")
+        cfg = stage1_config("paper", steps=steps, tokens_per_step=64, compile="off", ops="fused")   # the fused path (paper's own: official calls)
         st = NoiseModelStack([_tiny("tcnn", "grid_sample", dim=32)])
         y, c = torch.randn(1, 48, 32), torch.rand(1, 48, 2)
         with profile(activities=[ProfilerActivity.CPU]) as p: fit_stack(st, y, c, 16, cfg, [1])
@@ -274,3 +275,64 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         with pytest.warns(UserWarning, match="fitting eagerly"): a = fit_stack(NoiseModelStack([_tiny()]), y, c, 16, cfg, [1])
     b = fit_stack(NoiseModelStack([_tiny()]), y, c, 16, stage1_config(cfg, compile="off"), [1])
     fct.test_eq(a, b)
+
+
+def _official_loop(model: NoiseModel, y, c, hw, cfg, draws):
+    """The official stage-1 loop written from its formulas (Jiawei-Yang/Denoising-ViT 82704df: main_img_denoising.py,
+    dvt/models/offline_denoiser.py, utils/misc.py) on separate modules: G a (1, C, h, w) parameter read by grid_sample at
+    linspace(-1, 1), Linear MLPs, torch.optim.Adam over all parameters, loss x tensor(1024.) never unscaled.
+    Only F's grid encoding is dvt's tcnn layout (tiny-cuda-nn needs CUDA). Returns the per-step losses."""
+    import math, itertools
+    h, w = model.G.table.shape[:2]
+    G = nn.Parameter(model.G.table.detach().permute(2, 0, 1)[None].clone())                   # (1, C, h, w)
+    grid, fmlp, hmlp = model.F.grid, model.F.mlp, model.h.mlp
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    nodes = torch.stack([xx, yy], -1).view(-1, 2)
+    opt = torch.optim.Adam(itertools.chain([G], hmlp.parameters(), grid.parameters(), fmlp.parameters()), lr=cfg.lr, eps=1e-15,
+                           weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    T, wu, out = cfg.steps, int(cfg.warmup * cfg.steps), []
+    for step in range(T):
+        if step > int(cfg.switch * T): G.requires_grad = False
+        i = draws[step]
+        yt, xy = y[i], c[i]
+        lr = cfg.lr * step / wu if step < wu else \
+            cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * (step - wu) / (T - wu)))
+        for g in opt.param_groups: g["lr"] = lr
+        sp = F.grid_sample(G, nodes[i % hw][None, None], mode="bilinear", align_corners=True).squeeze().permute(1, 0)
+        f = fmlp(grid(xy))
+        if step > int(cfg.switch * T):
+            r = hmlp(yt); pred = f + sp + r.detach()
+        else: r, pred = None, sp + f
+        loss = F.mse_loss(pred, yt) + (1 - F.cosine_similarity(pred, yt, dim=-1).mean())
+        if r is not None:
+            loss += 0.1 * F.mse_loss(r, (yt - f - sp).detach()); loss += 0.02 * r.abs().mean()
+        opt.zero_grad(); (loss * torch.full((), 1024.0)).backward(); opt.step(); out.append(loss.item())
+    with torch.no_grad(): model.G.table.copy_(G[0].permute(1, 2, 0))
+    return torch.tensor(out)
+
+
+def test_paper_fit_is_the_official_loop_bit_for_bit():
+    "paper (ops='official'): 12 steps through both phases equal the official loop's arithmetic exactly on CPU (losses and F, G, h)."
+    cfg = stage1_config("paper", steps=12, tokens_per_step=64, compile="off")
+    y, c = torch.randn(1, 48, 16), torch.rand(1, 48, 2)
+    ours, ref = _tiny("tcnn", "grid_sample"), _tiny("tcnn", "grid_sample")
+    st = NoiseModelStack([ours]); losses = fit_stack(st, y, c, 16, cfg, [4])[0]; st.unstack()
+    draws = [draw_tokens(token_lanes([4], 64), torch.tensor(t), 48)[0] for t in range(cfg.steps)]
+    ref_losses = _official_loop(ref, y[0], c[0], 16, cfg, draws)
+    fct.test_eq(phase2_start(cfg), 7)                                                     # both phases are exercised
+    fct.test_eq(losses[:, 0], ref_losses.float())
+    for (n, p), q in zip(ours.named_parameters(), ref.parameters()): assert torch.equal(p, q), n
+    fused = _tiny("tcnn", "grid_sample"); sf = NoiseModelStack([fused])                     # the fused default arithmetic: close, not equal
+    fit_stack(sf, y, c, 16, stage1_config(cfg, ops="fused"), [4]); sf.unstack()
+    torch.testing.assert_close(fused.F.mlp[0].weight, ours.F.mlp[0].weight, rtol=1e-3, atol=1e-6)
+    assert not all(torch.equal(p, q) for p, q in zip(fused.parameters(), ours.parameters()))
+
+
+def test_paper_lr_is_the_official_formula_to_the_bit():
+    "utils/misc.py adjust_learning_rate: lr * it / w, then min_lr + (lr - min_lr) * 0.5 * (1 + cos(pi * (it - w) / (T - w)))."
+    import math
+    p = PRESETS["paper"]
+    def official(it, T=25_000, w=2_500):
+        if it < w: return p.lr * it / w
+        return p.min_lr + (p.lr - p.min_lr) * 0.5 * (1.0 + math.cos(math.pi * (it - w) / (T - w)))
+    fct.test_eq([s for s in range(25_000) if lr_at(s, p) != official(s)], [])
