@@ -4,16 +4,16 @@
 
 # %% ../nbs/00_core.ipynb #3700fc09
 from __future__ import annotations
-import os, random, subprocess, sys, argparse, contextlib, contextvars, functools, json
+import os, random, subprocess, sys, argparse, contextlib, contextvars, functools, json, tempfile
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
 __all__ = ['PROFILES', 'SMOKE_LABEL', 'ARTEFACT_NOTEBOOKS', 'REPRODUCE_WEIGHTS_FIX', 'repo_root', 'figures_dir', 'tables_dir',
-           'seed_everything', 'pick_device', 'default_threads', 'set_threads', 'add_threads_arg', 'FixableError',
-           'fix_hint', 'command', 'check_profile', 'artefact_notebooks', 'reproduce', 'check_parameters',
-           'reproduce_cli']
+           'artefact_dir', 'seed_everything', 'pick_device', 'default_threads', 'set_threads', 'add_threads_arg',
+           'FixableError', 'fix_hint', 'command', 'check_profile', 'artefact_notebooks', 'reproduce',
+           'check_parameters', 'reproduce_cli']
 
 # %% ../nbs/00_core.ipynb #c839b26c
 def repo_root(start: str | Path | None = None) -> Path:
@@ -26,11 +26,16 @@ def repo_root(start: str | Path | None = None) -> Path:
 # %% ../nbs/00_core.ipynb #e9070e71
 def figures_dir() -> Path:
     "`figures/` at the repository root (or `$DVT_FIGURES_DIR`), created on demand."
-    p = Path(os.environ.get("DVT_FIGURES_DIR") or repo_root() / "figures"); p.mkdir(parents=True, exist_ok=True); return p
+    return artefact_dir("figures", "DVT_FIGURES_DIR")
 
 def tables_dir() -> Path:
     "`tables/` at the repository root (or `$DVT_TABLES_DIR`), created on demand."
-    p = Path(os.environ.get("DVT_TABLES_DIR") or repo_root() / "tables"); p.mkdir(parents=True, exist_ok=True); return p
+    return artefact_dir("tables", "DVT_TABLES_DIR")
+
+def artefact_dir(name: str, env: str) -> Path:
+    "`$env` if set; under `nbdev_test` (which sets `IN_TEST`) a scratch folder, so tests never rewrite tracked files; else `<repo>/name`."
+    p = os.environ.get(env) or (os.path.join(tempfile.gettempdir(), f"dvt-nbdev-test-{name}") if os.environ.get("IN_TEST") else None)
+    p = Path(p or repo_root() / name); p.mkdir(parents=True, exist_ok=True); return p
 
 # %% ../nbs/00_core.ipynb #2331f9ad
 def seed_everything(seed: int = 0) -> torch.Generator:
