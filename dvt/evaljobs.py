@@ -43,7 +43,7 @@ SMOKE_GRID = {"mic": ("baseline", "ours"), "voc": ("baseline", "ours"), "ade": (
               "nyu": ("baseline", "ours", "srt", "srt_noise", "srt_bicubic", "srt_output"), "davis": ("baseline", "ours", "srt"),
               "lost": ("baseline", "ours", "srt"), **{t: ("baseline", "ours") for t in RETRIEVAL_TASKS}}
 SMOKE_MODELS = ("planted", "vit_small_patch14_dinov2.lvd142m")
-SMOKE_PLANTED_ONLY = ("srt_noise",)   # smoke variants for the toy only: n + 1 = 10 ViT-S forwards per probe crop (~30 s)
+SMOKE_PLANTED_ONLY = ("srt_noise", "srt_bicubic", "srt_output")   # smoke computes these for the toy only (budget)
 REHEARSAL_MODELS = ("vit_base_patch14_dinov2.lvd142m",)
 
 def grid(profile: str) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
@@ -182,11 +182,11 @@ def _retrieval_protocol(job: Job) -> dict:
     from dvt.retrieval import hummingbird_config, overcluster_config
     kind, ds = RETRIEVAL_TASKS[job.task]; prof = job.profile
     if kind == "hummingbird":
-        cut = {"smoke": dict(memory_size=1024), "rehearsal": dict(memory_size=1024, max_train=4, max_val=4),
+        cut = {"smoke": dict(size=112, memory_size=200), "rehearsal": dict(memory_size=1024, max_train=4, max_val=4),
                "full": dict(memory_size=1_024_000, memory_per_image=-(-1_024_000 // RETRIEVAL_TRAIN_IMAGES[ds]))}[prof]
         cfg = hummingbird_config("smoke" if prof == "smoke" else "open_hummingbird", **cut)
     else:
-        cfg = (overcluster_config("smoke") if prof == "smoke" else
+        cfg = (overcluster_config("smoke", size=112) if prof == "smoke" else
                overcluster_config(n_clusters=100 if ds == "voc" else 300, size=448, max_images=4 if prof == "rehearsal" else None))
     return {"method": kind, "dataset": ds, **asdict(cfg)}
 
