@@ -177,7 +177,8 @@ def _planted(arg: str | None = None, **options):
 
 @register_variant("denoised")
 def _denoised(inner, arg: str | None = None, folder: str = "voc_denoised"):
-    from dvt.denoiser import DenoisedBackbone, load_denoiser, load_official
+    from dvt.denoiser import DenoisedBackbone
+    from dvt.denoiser_io import load_denoiser, load_official
     if arg in (None, "released"): den = load_official(_timm_name(inner, "denoised@released"), folder=folder)
     elif str(arg).endswith(".safetensors"): den = load_denoiser(arg)
     else: den = load_official(arg)
@@ -208,7 +209,7 @@ def _distilled(inner, arg: str | None = None, folder: str = "voc_distilled"):
     from dvt.backbones import Backbone
     name = _timm_name(inner, "distilled")
     if arg in (None, "released"):
-        from dvt.denoiser import official_file
+        from dvt.denoiser_io import official_file
         arg = official_file(name, folder)
     return Backbone(name, pretrained=False, checkpoint=arg, layer=inner.layer, norm=inner.norm, stride=inner.stride)
 

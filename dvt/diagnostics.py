@@ -18,9 +18,9 @@ from .views import make_views, render_views
 # %% auto #0
 __all__ = ['DIAGNOSE_PRESETS', 'MEASURES', 'NEW_FAMILIES', 'DiagnoseConfig', 'diagnose_config', 'tokens_of', 'input_side',
            'grid_positions', 'ridge_fit', 'position_r2', 'sample_grid', 'phase_instability', 'outlier_rate',
-           'view_inconsistency', 'PositionRemover', 'fit_position_remover', 'load_position_remover', 'diagnose',
-           'measure', 'Diagnosis', 'plot_diagnosis', 'save_diagnosis', 'diagnose_models', 'diagnose_cli',
-           'run_diagnose']
+           'view_inconsistency', 'PositionRemover', 'fit_position_remover', 'load_position_remover', 'planted_effect',
+           'stage1_pairs', 'train_on_pairs', 'fit_stage2', 'diagnose', 'measure', 'Diagnosis', 'plot_diagnosis',
+           'save_diagnosis', 'diagnose_models', 'diagnose_cli', 'run_diagnose']
 
 # %% ../nbs/08_diagnose.ipynb #79811c6c
 @dataclasses.dataclass
@@ -35,15 +35,18 @@ class DiagnoseConfig:
     ridge: float = 0.1                       # ridge strength, relative to the mean feature variance
     remover_iters: int = 4                  # iterations of the linear remover ("rasa")
     batch: int = 8                          # images per backbone call
+    stage1: str = "default"                 # "stage2" variant: stage-1 preset (dvt.stage1.PRESETS) of its training pairs
+    stage2_steps: int = 2000                # "stage2" variant: the denoiser's training steps
     seed: int = 0
 
     def validate(self):
         if self.n_views < 1: raise ValueError(f"n_views={self.n_views}: use n_views >= 1.")
         if self.outlier_k <= 0 or self.ridge < 0: raise ValueError("outlier_k must be > 0 and ridge >= 0.")
-        if self.mic_k < 0 or self.batch < 1 or self.remover_iters < 1:
-            raise ValueError("mic_k must be >= 0, batch >= 1 and remover_iters >= 1.")
+        if self.mic_k < 0 or self.batch < 1 or self.remover_iters < 1 or self.stage2_steps < 1:
+            raise ValueError("mic_k must be >= 0, and batch, remover_iters and stage2_steps >= 1.")
 
-DIAGNOSE_PRESETS = {"default": DiagnoseConfig(), "smoke": DiagnoseConfig(size=128, mic_k=2, n_views=1)}
+DIAGNOSE_PRESETS = {"default": DiagnoseConfig(),
+                    "smoke": DiagnoseConfig(size=128, mic_k=2, n_views=1, stage1="smoke", stage2_steps=500)}
 
 def diagnose_config(preset: str | DiagnoseConfig = "default", **overrides) -> DiagnoseConfig:
     "The `DiagnoseConfig` of `preset` with `overrides` (unknown names raise with a suggestion)."
@@ -201,10 +204,75 @@ def load_position_remover(backbone: nn.Module, path: str | Path) -> PositionRemo
         raise ValueError(f"{path} was fitted for {sd['basis'].shape[0]}-dim tokens, not {check_backbone(backbone).embed_dim}.")
     return PositionRemover(backbone, sd["mean"], sd["basis"])
 
+# %% ../nbs/08_diagnose.ipynb #faa2ff5b
+def planted_effect(out: torch.Tensor, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    "Artifact kept, clean lost and clean error of tokens `out (N, h, w, C)` against the planted `parts` of the same images."
+    a, c = parts["artifact"], parts["clean"]                                          # (N, h, w, C) each
+    if out.shape != c.shape or a.shape != c.shape:
+        raise ValueError(f"out {tuple(out.shape)} and the parts {tuple(c.shape)} differ in shape: pass the tokens of the "
+                         "same images at the same size, (N, h, w, C) each (PlantedBackbone.parts of the batch).")
+    cen = lambda t: (t - t.mean((1, 2), keepdim=True)).double()                      # centred per image
+    o, a, c = cen(out), cen(a), cen(c)
+    cc = (c ** 2).sum()
+    return dict(artifact_kept=float((o * a).sum() / (a ** 2).sum()), clean_lost=float(1 - (o * c).sum() / cc),
+                clean_error=float(((o - c) ** 2).sum() / cc))
+
+# %% ../nbs/08_diagnose.ipynb #f3c76bfe
+def stage1_pairs(backbone: nn.Module,             # the backbone whose tokens are denoised
+                 images: list[torch.Tensor],      # images (3, H, W) in [0, 1]
+                 size: int | None = None,         # square input side (default: the backbone's)
+                 preset="smoke",                  # stage-1 preset (dvt.stage1.PRESETS) or a Stage1Config
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    "Stage 1 on each of `images` (on the backbone's device): raw tokens and clean fields F, each `(N, h, w, C)` on the CPU."
+    from dvt.stage1 import denoise_images
+    dev = next(iter(backbone.parameters()), torch.empty(0)).device                  # stage 1 must not move the backbone
+    fits = denoise_images(backbone, images, size=input_side(backbone, size), preset=preset, progress=False,
+                          seed=seed, device=str(dev))
+    return torch.stack([r.raw for r in fits]).float().cpu(), torch.stack([r.clean for r in fits]).float().cpu()
+
+# %% ../nbs/08_diagnose.ipynb #2030df13
+def train_on_pairs(raw: torch.Tensor,             # raw tokens (N, h, w, C)
+                   clean: torch.Tensor,           # their stage-1 clean fields F (N, h, w, C)
+                   steps: int = 500,              # optimiser steps
+                   batch_size: int = 4,           # pairs per step (at most N)
+                   blr: float = 5e-3,             # base learning rate: lr = blr * sqrt(batch_size / 256)
+                   seed: int = 0,                 # the denoiser's init and the data order
+                   device=None):                  # None: CUDA when available
+    "A stage-2 `Denoiser` (eval mode) trained on in-memory pairs raw -> clean with DVT's stage-2 recipe (`dvt.train.fit`)."
+    import tempfile
+    from dvt.denoiser import Denoiser, token_loss
+    from dvt.train import StepSampler, TrainConfig, fit
+    if raw.shape != clean.shape or raw.ndim != 4:
+        raise ValueError(f"raw {tuple(raw.shape)} and clean {tuple(clean.shape)} must be (N, h, w, C) tokens of one shape; "
+                         "stack stage 1's .raw and .clean (stage1_pairs does).")
+    cfg = TrainConfig(steps=steps, batch_size=min(batch_size, len(raw)), blr=blr, save_every=steps, seed=seed)
+    cfg.validate()
+    with torch.random.fork_rng(devices=[]):                                         # the caller's RNG is left alone
+        torch.manual_seed(seed); den = Denoiser(raw.shape[-1], tuple(raw.shape[1:3]))
+    sampler = StepSampler(len(raw), cfg.batch_size, seed)
+    batches = lambda start, rank, world: ((raw[sampler.batch(s)], clean[sampler.batch(s)]) for s in range(start, steps))
+    with tempfile.TemporaryDirectory() as d:                                        # fit's checkpoints, thrown away
+        fit(den, lambda net, b: token_loss(net(b[0]), b[1]), batches, cfg, d, device=device, resume=False,
+            progress=False, curve=None, desc="stage 2")
+    return den.eval()
+
+# %% ../nbs/08_diagnose.ipynb #5462cbd8
+def fit_stage2(backbone: nn.Module,               # the backbone whose tokens are denoised
+               images: list[torch.Tensor],        # training images (3, H, W) in [0, 1]
+               size: int | None = None,           # square input side (default: the backbone's)
+               stage1="smoke",                    # stage-1 preset (dvt.stage1.PRESETS) or a Stage1Config
+               steps: int = 500,                  # stage-2 optimiser steps
+               seed: int = 0) -> nn.Module:       # stage 1's views, the denoiser's init and data order
+    "DVT's stages 1 and 2 on `images`: `backbone` wrapped with a `Denoiser` trained on its stage-1 pairs (`DenoisedBackbone`)."
+    from dvt.denoiser import DenoisedBackbone
+    dev = next(iter(backbone.parameters()), torch.empty(0)).device
+    den = train_on_pairs(*stage1_pairs(backbone, images, size, stage1, seed), steps=steps, seed=seed, device=dev)
+    return DenoisedBackbone(backbone, den.to(dev))
+
 # %% ../nbs/08_diagnose.ipynb #4201fa23
 def diagnose(backbone: nn.Module,                    # the backbone to diagnose
              images: list[torch.Tensor],             # at least 2 images (3, H, W) in [0, 1]: half fit, half measure
-             variants=("raw", "rasa"),               # names (see above) or a dict name -> module
+             variants=("raw", "rasa"),               # names (see above), or a dict row name -> name or module
              preset: str | DiagnoseConfig = "default",   # a name in DIAGNOSE_PRESETS or a config
              **overrides) -> "Diagnosis":            # DiagnoseConfig fields
     "Label-free artifact measures of `backbone` and each remedy in `variants` on `images`."
@@ -212,7 +280,8 @@ def diagnose(backbone: nn.Module,                    # the backbone to diagnose
     images = [im for im in images]
     if len(images) < 2: raise ValueError(f"diagnose needs at least 2 images (half to fit, half to measure); got {len(images)}.")
     fit_on, measure_on = images[::2], images[1::2]
-    mods = variants if isinstance(variants, dict) else {v: _variant(backbone, v, fit_on, cfg) for v in variants}
+    named = variants.items() if isinstance(variants, dict) else zip(variants, variants)
+    mods = {k: v if isinstance(v, nn.Module) else _variant(backbone, v, fit_on, cfg) for k, v in named}
     rows = [dict(model=check_backbone(backbone).name, variant=k, **measure(m, fit_on, measure_on, cfg)) for k, m in mods.items()]
     return Diagnosis(rows, cfg)
 
@@ -221,6 +290,7 @@ def _variant(backbone, name: str, fit_on, cfg) -> nn.Module:
     if name in ("rasa", "rasa-grid"):
         method = "grid" if name == "rasa-grid" else "xy"
         return fit_position_remover(backbone, fit_on, method=method, iters=cfg.remover_iters, size=cfg.size, ridge=cfg.ridge)
+    if name == "stage2": return fit_stage2(backbone, fit_on, cfg.size, cfg.stage1, cfg.stage2_steps, cfg.seed)
     return wrap_backbone(backbone, name)
 
 # %% ../nbs/08_diagnose.ipynb #effafb8d
@@ -299,7 +369,7 @@ def diagnose_cli(argv: list[str] | None = None):
     ap.add_argument("images", help="a folder of images, a text file of paths, or 'samples' (scikit-image's photos)")
     ap.add_argument("--model", action="append", required=True, help="a backbone spec (dvt.make_backbone); repeatable; 'all': "
                     "the seed models and the new families")
-    ap.add_argument("--variants", default="raw,rasa,rasa-grid", help="comma-separated: raw, rasa, rasa-grid, srt@R, ...")
+    ap.add_argument("--variants", default="raw,rasa,rasa-grid", help="comma-separated: raw, rasa, rasa-grid, stage2, srt@R, denoised@FILE, ...")
     ap.add_argument("--out", default="diagnosis", help="folder for diagnosis.csv/.md/.json/.png")
     ap.add_argument("--random-init", action="store_true", help="random weights (geometry only; the numbers mean nothing)")
     ap.add_argument("--checkpoint", default=None, help="local weights file for a single timm model")

@@ -18,7 +18,8 @@ from .config import make_config
 from .contract import check_backbone
 from .train import (TrainConfig, StepSampler, step_loader, fit, distributed_run, dist_info, add_train_args, config_from_args,
                        TRAIN_EPILOG)
-from .denoiser import token_loss, DenoisedBackbone, Denoiser, load_denoiser, load_official
+from .denoiser import token_loss, DenoisedBackbone, Denoiser
+from .denoiser_io import load_denoiser, load_official
 
 # %% auto #0
 __all__ = ['DISTILL_PRESETS', 'make_student', 'distill_config', 'ImageSet', 'save_student', 'check_teacher', 'distill',

@@ -161,7 +161,7 @@ def _stage1_protocol(job: Job) -> dict:
 
 def _train_protocol(job: Job) -> dict:
     "The stage-1 / stage-2 (train) or stage-3 (distill) settings of a training job."
-    from dvt.denoiser import DENOISER_PRESETS
+    from dvt.denoiser_train import DENOISER_PRESETS
     from dvt.distillation import DISTILL_PRESETS
     prof = job.profile
     n = {"smoke": 2, "rehearsal": 2, "full": 10_000}[prof]
@@ -325,7 +325,7 @@ def weights_file_input(kind: str, name: str, path, env: JobEnv, fix: str) -> Inp
 # %% ../nbs/07_evaljobs.ipynb #013c2c8e
 def released_denoiser_input(model: str, profile: str, env: JobEnv) -> Input:
     "The released `voc_denoised` denoiser of `model`: a local .pth, the Hugging Face cache, or missing with the download command."
-    from dvt.denoiser import OFFICIAL_REPO
+    from dvt.denoiser_io import OFFICIAL_REPO
     fname = f"voc_denoised/{model}.pth"
     given = (env.denoisers or {}).get(model)
     if given: return weights_file_input("denoiser", model, given, env, f"or download {fname} from huggingface.co/{OFFICIAL_REPO}")
@@ -794,7 +794,8 @@ def _output_ensemble_nyu(job, env, ex, head, cfg, single: tuple[dict, dict]) -> 
 # %% ../nbs/07_evaljobs.ipynb #da7d9410
 def _run_train(job, env, paths, work, dev) -> tuple[dict, dict]:
     from dvt.stage1_data import denoise_folder
-    from dvt.denoiser import TrainConfig, train_denoiser, distributed_run
+    from dvt.train import TrainConfig, distributed_run
+    from dvt.denoiser_train import train_denoiser
     import torch.distributed as dist
     pr = protocol(job); s1 = pr["stage1"]
     images = resolve_image_list(paths["data:train list"], data_root_for(job.profile, env))[:pr["images"]]
@@ -829,7 +830,9 @@ def _history(folder: Path) -> list[float]:
 # %% ../nbs/07_evaljobs.ipynb #616cdfa1
 def _run_distill(job, env, paths, work, dev) -> tuple[dict, dict]:
     from dvt.distillation import make_student, distill
-    from dvt.denoiser import TrainConfig, DenoisedBackbone, load_denoiser, distributed_run
+    from dvt.train import TrainConfig, distributed_run
+    from dvt.denoiser import DenoisedBackbone
+    from dvt.denoiser_io import load_denoiser
     from dvt.backbones import save_backbone
     pr = protocol(job)
     images = resolve_image_list(paths["data:train list"], data_root_for(job.profile, env))[:pr["images"]]

@@ -1,4 +1,4 @@
-"""Stage 2 (dvt.denoiser): official-format checkpoints, our checkpoints, bad input, training/resume, the CLI, DDP on CPU,
+"""Stage 2 (dvt.denoiser, dvt.denoiser_io, dvt.denoiser_train): official-format checkpoints, our checkpoints, bad input, training/resume, the CLI, DDP on CPU,
 and generalization of a denoiser trained on planted pairs to unseen photos."""
 import json, os, subprocess, sys, textwrap
 from functools import partial
@@ -12,12 +12,15 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import Block
 
 import dvt.denoiser as dd
+import dvt.denoiser_io as dio
 import dvt.runs
 from dvt.runs import RunLock, LockedError
 from dvt.train import STATE_FILE
 from dvt.stage1_data import write_stage1
-from dvt.denoiser import (Denoiser, DenoisedBackbone, load_official, load_denoiser, save_denoiser, load_denoiser_state,
-                          TrainConfig, train_denoiser, train_denoiser_cli, PairFolder, token_loss)
+from dvt.train import TrainConfig
+from dvt.denoiser import Denoiser, DenoisedBackbone, token_loss
+from dvt.denoiser_io import load_official, load_denoiser, save_denoiser, load_denoiser_state
+from dvt.denoiser_train import train_denoiser, train_denoiser_cli, PairFolder
 
 
 def official_dict(C, n, seed=0, prefix="denoiser.", extra_keys=None):
@@ -120,7 +123,7 @@ def test_roundtrip_bit_identical_and_folder(tmp_path):
 # ---------------------------------------------------------------- bad input
 def test_bad_checkpoints(tmp_path):
     torch.save({"denoiser": official_dict(768, 1024)}, tmp_path / "p16.pth")
-    sd = dd._read_official(tmp_path / "p16.pth")
+    sd = dio._read_official(tmp_path / "p16.pth")
     fct.test_fail(lambda: load_denoiser_state(Denoiser(768, 37), sd), contains="grid does not match")
     fct.test_fail(lambda: load_denoiser_state(Denoiser(384, 32), sd), contains="wrong embed dim")
     fct.test_fail(lambda: load_denoiser_state(Denoiser(768, 32), {k: v for k, v in sd.items() if "fc2" not in k}),
@@ -244,7 +247,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     args = [str(pairs), "--preset", "smoke", "--steps", "6", "--batch-size", "4", "--no-progress", "--curve", str(tmp_path / "none.png"),
             "--device", "cpu"]
     script = tmp_path / "run.py"
-    script.write_text("from dvt.denoiser import train_denoiser_cli\ntrain_denoiser_cli()\n")
+    script.write_text("from dvt.denoiser_train import train_denoiser_cli\ntrain_denoiser_cli()\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(dd.__file__).parents[1])}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(script), args[0], str(tmp_path / "ddp"), *args[1:]], env=env, cwd=tmp_path,
@@ -287,7 +290,7 @@ def run_cli(*args, fault=None, timeout=300):
     "dvt_train_denoiser in a fresh process (as installed), optionally killed by SIGKILL at the fault point `fault`."
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "DVT_FAULT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(dd.__file__).parents[1]), **({"DVT_FAULT": fault} if fault else {}))
-    return subprocess.run([sys.executable, "-c", "from dvt.denoiser import train_denoiser_cli; train_denoiser_cli()", *map(str, args)],
+    return subprocess.run([sys.executable, "-c", "from dvt.denoiser_train import train_denoiser_cli; train_denoiser_cli()", *map(str, args)],
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -483,3 +486,27 @@ def test_progress_lines_in_a_log(tmp_path, capsys):
 def test_denoiser_refuses_a_non_positive_width():
     fct.test_fail(lambda: Denoiser(0), contains="positive integer")
     fct.test_fail(lambda: Denoiser(-8), contains="embed_dim=-8")
+
+
+
+OLD_HOMES = {  # every name code imported from the one-module dvt.denoiser -> the module that defines it now
+    **dict.fromkeys(("Denoiser", "DenoisedBackbone", "token_loss"), "dvt.denoiser"),
+    **dict.fromkeys(("save_denoiser", "load_denoiser_state", "load_denoiser", "official_file", "load_official", "OFFICIAL_REPO",
+                     "OFFICIAL_FOLDERS", "OFFICIAL_DISTILLED", "_read_official", "_check_denoiser_state"), "dvt.denoiser_io"),
+    **dict.fromkeys(("DENOISER_PRESETS", "PairFolder", "pair_shapes", "train_denoiser", "train_denoiser_cli", "_model_name"),
+                    "dvt.denoiser_train"),
+    **dict.fromkeys(("TrainConfig", "fit", "distributed_run", "StepSampler", "step_loader", "dist_info", "add_train_args",
+                     "config_from_args", "TRAIN_EPILOG"), "dvt.train")}
+
+
+def test_every_old_name_still_imports_from_dvt_denoiser():
+    "Code written against the one-module dvt.denoiser keeps working: in a fresh process (no import cycle), and as the same objects."
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(dd.__file__).parents[1])}
+    code = f"from dvt.denoiser import {', '.join(OLD_HOMES)}; import sys; print(sorted(m for m in sys.modules if m.startswith('dvt.den')))"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "['dvt.denoiser', 'dvt.denoiser_io', 'dvt.denoiser_train']" in r.stdout, r.stdout
+    import importlib
+    for name, home in OLD_HOMES.items(): assert getattr(dd, name) is getattr(importlib.import_module(home), name), name
+    assert set(OLD_HOMES) <= set(dir(dd))
+    fct.test_fail(lambda: dd.load_offical, contains="no attribute 'load_offical'")

@@ -167,7 +167,7 @@ def test_resume_with_another_teacher_or_images_is_refused(setup, tmp_path):
 
 def test_unreadable_image_is_skipped_by_name(tmp_path, capsys):
     from PIL import Image
-    from dvt.denoiser import save_denoiser
+    from dvt.denoiser_io import save_denoiser
     d = tmp_path / "imgs"; d.mkdir()
     for i, im in enumerate(sample_images(3)):
         Image.fromarray((resize_images(im, 64).permute(1, 2, 0) * 255).round().byte().numpy()).save(d / f"{i}.jpg")
