@@ -559,7 +559,7 @@ def protocol_summary(job: Job, pr: dict | None = None) -> dict:
     elif job.task == "nyu": res = "480x640"
     elif job.task == "davis": res = f"short side {pr['davis']['short_side']}"
     elif job.task == "lost": res = "native"
-    elif job.task in RETRIEVAL_TASKS: res = pr["retrieval"]["size"] or "native, padded to the grid"
+    elif job.task in RETRIEVAL_TASKS: res = f"{pr['retrieval']['size']}² fitted to the grid" if pr["retrieval"]["size"] else "native, padded"
     elif s1.get("size"): res = s1["size"]
     s = {"resolution": res, "layer": "last" if pr["layer"] == -1 else pr["layer"], "final norm": "on" if pr["norm"] else "off",
          "seed": pr["seed"]}
