@@ -29,21 +29,22 @@ TASKS = ("mic", "voc", "ade", "nyu", "davis", "lost", "hb_voc", "hb_ade", "oc_vo
 RETRIEVAL_TASKS = {"hb_voc": ("hummingbird", "voc"), "hb_ade": ("hummingbird", "ade"),      # training-free: no probe
                    "oc_voc": ("overclustering", "voc"), "oc_ade": ("overclustering", "ade")}
 TRAIN_KINDS = {"train": "ours", "distill": "distilled"}        # training job kind -> the variant its weights make
-VARIANTS = ("baseline", "voc_denoised", "ours", "distilled", "srt", "ours+srt", "srt_noise", "srt_bicubic", "srt_output")
+VARIANTS = ("baseline", "voc_denoised", "ours", "distilled", "srt", "ours+srt", "srt_noise", "srt_bicubic", "srt_output",
+            "rasa")
 SRT_BASELINES = {"srt_noise": "noise", "srt_bicubic": "bicubic", "srt_output": "output"}   # variant -> SRT's released baseline
 FULL_GRID = {                                                     # task -> the variants evaluated on it
-    "mic": ("baseline", "voc_denoised", "ours", "srt"),
-    "voc": ("baseline", "voc_denoised", "ours", "distilled"),
-    "ade": ("baseline", "voc_denoised", "ours", "distilled"),
-    "nyu": ("baseline", "voc_denoised", "ours", "distilled", "srt", "ours+srt", "srt_noise", "srt_bicubic", "srt_output"),
+    "mic": ("baseline", "voc_denoised", "ours", "srt", "rasa"),
+    "voc": ("baseline", "voc_denoised", "ours", "distilled", "rasa"),
+    "ade": ("baseline", "voc_denoised", "ours", "distilled", "rasa"),
+    "nyu": ("baseline", "voc_denoised", "ours", "distilled", "srt", "ours+srt", "srt_noise", "srt_bicubic", "srt_output", "rasa"),
     "davis": ("baseline", "voc_denoised", "ours", "srt", "ours+srt"),
     "lost": ("baseline", "voc_denoised", "ours", "srt"),
-    **{t: ("baseline", "voc_denoised", "ours", "distilled", "srt") for t in RETRIEVAL_TASKS}}
+    **{t: ("baseline", "voc_denoised", "ours", "distilled", "srt", "rasa") for t in RETRIEVAL_TASKS}}
 SMOKE_GRID = {"mic": ("baseline", "ours"), "voc": ("baseline", "ours"), "ade": ("baseline", "ours"),
               "nyu": ("baseline", "ours", "srt", "srt_noise", "srt_bicubic", "srt_output"), "davis": ("baseline", "ours", "srt"),
-              "lost": ("baseline", "ours", "srt"), **{t: ("baseline", "ours") for t in RETRIEVAL_TASKS}}
+              "lost": ("baseline", "ours", "srt"), **{t: ("baseline", "ours", "rasa") for t in RETRIEVAL_TASKS}}
 SMOKE_MODELS = ("planted", "vit_small_patch14_dinov2.lvd142m")
-SMOKE_PLANTED_ONLY = ("srt_noise", "srt_bicubic", "srt_output")   # smoke computes these for the toy only (budget)
+SMOKE_PLANTED_ONLY = ("srt_noise", "srt_bicubic", "srt_output", "rasa")   # smoke computes these for the toy only (budget)
 REHEARSAL_MODELS = ("vit_base_patch14_dinov2.lvd142m",)
 
 def grid(profile: str) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
@@ -134,6 +135,7 @@ def protocol(job: Job) -> dict:
     prof, t = job.profile, job.task
     p = {"seed": 0, "layer": -1, "norm": True}
     if job.variant in SRT_BASELINES: p["srt_baseline"] = _srt_baseline_protocol(job)
+    if job.variant == "rasa": p["rasa"] = _rasa_protocol(job)
     if job.variant in ("srt", "ours+srt"): p["srt"] = {"radius": {"smoke": 1}.get(prof, 3), "batch_size": 16 if prof == "smoke" else 32}
     if t in ("voc", "ade"):
         cfg = {"smoke": lambda: SegProbeConfig.smoke(iters=20), "rehearsal": lambda: SegProbeConfig.paper(iters=1),
@@ -196,6 +198,11 @@ def _srt_baseline_protocol(job: Job) -> dict:
     if kind == "noise": return {"kind": kind, "sigma": 0.01, "n": (2 * r + 1) ** 2, "seed": 0, "batch_size": bs}
     if kind == "bicubic": return {"kind": kind}
     return {"kind": kind, "radius": r, "paper": True, "batch_size": bs, "head": "trained on the raw features"}
+
+def _rasa_protocol(job: Job) -> dict:
+    "The remover's fit: coordinate regression, up to 4 rounds, on the list's first images (smoke: 2, at stage 1's size)."
+    size = _stage1_protocol(job)["size"] if job.profile == "smoke" else None                    # None: the backbone's input size
+    return {"method": "xy", "iters": 4, "ridge": 0.1, "images": {"smoke": 2, "rehearsal": 2, "full": 100}[job.profile], "size": size}
 
 # %% ../nbs/07_evaljobs.ipynb #55c1a897
 def file_sha256(path: str | Path, cache: Path | None = None) -> str:
@@ -275,6 +282,7 @@ def job_inputs(job: Job, env: JobEnv) -> list[Input]:
     if job.profile in ("smoke", "rehearsal"): prepare_profile(job.profile, env, [job.model])
     ins = [backbone_input(job.model, job.profile, env)]
     if job.variant == "voc_denoised": ins.append(released_denoiser_input(job.model, job.profile, env))
+    if job.variant == "rasa": ins.append(image_list_input(job, env))                  # the remover's fitting images
     if job.variant in ("ours", "ours+srt") and job.task != "train": ins.append(upstream_input(Job(job.model, "ours", "train", job.profile), env))
     if job.task == "distill": ins.append(upstream_input(Job(job.model, "ours", "train", job.profile), env))
     if job.variant == "distilled" and job.task != "distill":
@@ -376,12 +384,12 @@ def dataset_input(job: Job, env: JobEnv) -> Input:
 
 # %% ../nbs/07_evaljobs.ipynb #8e196f41
 def image_list_input(job: Job, env: JobEnv) -> Input:
-    "The training image list of `job` (first `images` entries), fingerprinted by the sha256 of those entries."
+    "The training image list of `job` (first `images` entries; `rasa`: its fit's), fingerprinted by the sha256 of those entries."
     src = Path(env.train_list) if env.train_list else data_root_for(job.profile, env) / "voc_train.txt"
     fix = ("the official DVT list voc_train.txt (image ids of VOC; put it under the data root) or any list of image paths, "
            "passed as --train-list FILE")
     if not src.is_file(): return Input("data", "train list", None, f"{src} not found: {fix}")
-    n = protocol(job)["images"]
+    pr = protocol(job); n = pr["rasa"]["images"] if "rasa" in pr else pr["images"]
     try: paths = resolve_image_list(src, data_root_for(job.profile, env))[:n]
     except FileNotFoundError as e: return Input("data", "train list", None, f"{e}; {fix}")
     return Input("data", "train list", {"list": src.name, "entries_sha256": text_sha256("\n".join(p.name for p in paths)),
@@ -573,6 +581,7 @@ def protocol_summary(job: Job, pr: dict | None = None) -> dict:
     elif job.task == "train": s.update(images=pr["images"], stage1=pr["stage1"]["preset"], iters=pr["stage2"]["steps"], batch=pr["stage2"]["batch_size"])
     elif job.task == "distill": s.update(images=pr["images"], iters=pr["stage3"]["steps"], batch=pr["stage3"]["batch_size"])
     if "srt" in pr: s["srt_radius"] = pr["srt"]["radius"]
+    if "rasa" in pr: s["rasa"] = f"{pr['rasa']['method']} regression, <= {pr['rasa']['iters']} rounds, {pr['rasa']['images']} images"
     if "srt_baseline" in pr: s["srt_baseline"] = " ".join(f"{k}={v}" for k, v in pr["srt_baseline"].items() if k != "batch_size")
     return s
 
@@ -672,6 +681,7 @@ def build_extractor(job: Job, env: JobEnv, paths: dict, dev: torch.device) -> to
                             srt_batch=pr.get("srt", {}).get("batch_size", 32), dino_pos_embed=dino_protocol(job),
                             variant_options={"srt_noise": {k: v for k, v in pr["srt_baseline"].items() if k not in ("kind", "n")}}
                             if job.variant == "srt_noise" else None)
+    if job.variant == "rasa": ex = _fit_rasa(job, env, ex.to(dev).eval(), paths["data:train list"], pr["rasa"])
     return ex.to(dev).eval()
 
 # %% ../nbs/07_evaljobs.ipynb #e923e9a2
@@ -692,6 +702,13 @@ def make_extractor(spec: str,                              # `name`, `denoised@r
 def dino_protocol(job: Job) -> bool:
     "DINO (v1) models on DAVIS follow DINO's own evaluation, so they resample position embeddings with DINO's rule."
     return job.task == "davis" and job.model.split(".")[-1] == "dino"
+
+def _fit_rasa(job: Job, env: JobEnv, ex: torch.nn.Module, train_list: str, q: dict) -> torch.nn.Module:
+    "`ex` followed by the linear positional-subspace remover fitted (closed form) on the first `q['images']` of `train_list`."
+    from dvt.diagnostics import fit_position_remover
+    from dvt.data import load_image
+    imgs = [load_image(p) for p in resolve_image_list(train_list, data_root_for(job.profile, env))[:q["images"]]]
+    with torch.no_grad(): return fit_position_remover(ex, imgs, q["method"], q["iters"], size=q["size"], ridge=q["ridge"])
 
 # %% ../nbs/07_evaljobs.ipynb #e4567759
 def _with_ckpt(fn, kwargs: dict, work: Path) -> dict:
@@ -893,6 +910,7 @@ def estimate_gpu_hours(job: Job) -> float:
     else:
         st = pr["stage3"]; steps = st["steps"] if not st["epochs"] else math.ceil(st["epochs"] * 1_281_167 / st["batch_size"])
         fw = steps * st["batch_size"] * 4 * f                                # student forward + backward, teacher forward
+    if "rasa" in pr: fw += pr["rasa"]["images"] * f                      # the remover's fitting forwards
     return fw * shifts / (H100_BF16_FLOPS * ASSUMED_UTILISATION) / 3600
 
 # %% ../nbs/07_evaljobs.ipynb #b9101d1b

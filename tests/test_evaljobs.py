@@ -170,6 +170,8 @@ def test_training_free_and_srt_baseline_jobs(tmp_path):
     assert "n=9" in n["summary"]["srt_baseline"] and n["metrics"]["rmse"] > 0
     assert job_state(Job("planted", "srt_noise", "nyu", "smoke"), env)[0] == "done"
     with pytest.raises(ValueError, match="task 'nyu' only"): Job("planted", "srt_output", "voc", "smoke")
+    a = run_job("planted", "rasa", "oc_voc", "smoke", env)                                  # fitted when the job starts
+    assert a["inputs"]["data:train list"]["images"] == 2 and "regression" in a["summary"]["rasa"]
 
 
 def test_training_free_and_srt_baselines_in_the_plan(tmp_path):
@@ -186,3 +188,4 @@ def test_training_free_and_srt_baselines_in_the_plan(tmp_path):
     with pytest.raises(MissingInputs) as e: run_job("vit_base_patch14_dinov2.lvd142m", "baseline", "hb_ade", "full", env)
     assert "ADEChallengeData2016" in str(e.value) and "data/README.md" in str(e.value)
     with pytest.raises(MissingInputs, match="nyu"): run_job("vit_base_patch14_dinov2.lvd142m", "srt_noise", "nyu", "full", env)
+    with pytest.raises(MissingInputs, match="voc_train.txt"): run_job("vit_base_patch14_dinov2.lvd142m", "rasa", "hb_voc", "full", env)
