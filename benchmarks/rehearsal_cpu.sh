@@ -2,7 +2,7 @@
 # The whole rehearsal for one model, one job per process (so each job's peak memory is its own), on this CPU.
 # Usage: benchmarks/rehearsal_cpu.sh [MODEL] [RESULTS]   (default: ViT-B, /tmp/dvt_rehearsal); env OUT=file.tsv, REVERSE=1,
 #        ORDER=kinds (the training jobs, then one job of every task and of every simple variant kind, cheapest first, then the rest
-#        by estimated cost)
+#        by estimated cost), PLAN="--tasks davis --variants srt" (more `dvt_eval plan` options: a part of the plan)
 # Writes benchmarks/rehearsal_cpu.tsv: job, exit code, wall seconds, peak RSS (MB), the load average at the start.
 set -u
 MODEL=${1:-vit_base_patch14_dinov2.lvd142m}
@@ -28,7 +28,7 @@ for l in sorted(lines, key=lambda l: (not train(job(l)), 0 if train(job(l)) else
 print("\n".join(first + sorted((l for l in lines if l not in first), key=cost.get)))'
 }
 printf "job\trc\twall_s\tpeak_rss_mb\tload_at_start\n" > "$OUT"
-eval "$EVAL plan --profile rehearsal --models $MODEL --results $RESULTS --no-check" | grep "dvt_eval run" | sed 's/.*dvt_eval run //' | { if [ "${REVERSE:-0}" = 1 ]; then tac; elif [ "${ORDER:-plan}" = kinds ]; then kinds_first; else cat; fi; } |
+eval "$EVAL plan --profile rehearsal --models $MODEL --results $RESULTS --no-check ${PLAN:-}" | grep "dvt_eval run" | sed 's/.*dvt_eval run //' | { if [ "${REVERSE:-0}" = 1 ]; then tac; elif [ "${ORDER:-plan}" = kinds ]; then kinds_first; else cat; fi; } |
 while read -r args; do
   load=$(cut -d' ' -f1 /proc/loadavg)
   /usr/bin/time -f "%e %M" -o "$TMP/time.txt" bash -c "$EVAL run $args --results $RESULTS --device cpu --threads 1" > "$TMP/job.log" 2>&1

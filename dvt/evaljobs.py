@@ -624,13 +624,16 @@ def run_job(model: str, variant: str, task: str, profile: str = "full", env: Job
     path = job.result_path(env.results)
     old = read_result(path)
     if old and old["fingerprint"] == card["fingerprint"] and not force: return old
-    if _rank() != 0 and job.kind == "eval": return {}                        # the probes are single-process
+    ddp = job.task in ("voc", "ade", "nyu")                                   # the probes use every torchrun process (DDP)
+    if _rank() != 0 and job.kind == "eval" and not ddp: return {}             # the other evaluations run on rank 0 alone
     with (_file_lock(path.with_suffix(".lock"), wait=False) if _rank() == 0 else contextlib.nullcontext()):
         old = read_result(path)                                    # another process may have finished it meanwhile
         if old and old["fingerprint"] == card["fingerprint"] and not force: return old
-        if old: os.replace(path, path.with_name(f"{path.stem}.stale-{old['fingerprint'][:12]}.json"))
+        if old and _rank() == 0: os.replace(path, path.with_name(f"{path.stem}.stale-{old['fingerprint'][:12]}.json"))
         t0 = time.time()
-        try: metrics, extra = _compute(job, env, ins, env.work_dir(job, card["fingerprint"]))
+        try:
+            from dvt.probes import probe_group                             # under torchrun: join before the extractor is placed
+            with (probe_group() if ddp else contextlib.nullcontext()): metrics, extra = _compute(job, env, ins, env.work_dir(job, card["fingerprint"]))
         except Exception as e:
             if _rank() == 0: atomic_write_json(path.with_suffix(".failed.json"), {"fingerprint": card["fingerprint"], "error": f"{type(e).__name__}: {e}"})
             raise

@@ -21,20 +21,31 @@ def _runs(v_sorted: np.ndarray) -> np.ndarray:
     cuts = np.flatnonzero(np.diff(v_sorted) != 0) + 1
     return np.diff(np.concatenate(([0], cuts, [len(v_sorted)])))
 
-# %% ../nbs/03c_metrics.ipynb #f5b1b0a6
+# %% ../nbs/03c_metrics.ipynb #7904ba39
+def _starts(sizes: np.ndarray) -> np.ndarray:
+    "Offset of each of consecutive blocks of the given sizes (an exclusive cumulative sum)."
+    out = np.zeros(len(sizes), np.int64); np.cumsum(sizes[:-1], out=out[1:])
+    return out
+
+# %% ../nbs/03c_metrics.ipynb #2f56eba7
 def _equipartition(sizes: np.ndarray, y: int, S: list[int] | None = None) -> tuple[np.ndarray, int]:
     "Row index of each tie group (groups in sorted order, never split) for `y` rows of about equal counts; rows made."
-    S = S if S is not None else [0, *np.cumsum(sizes).tolist()]    # S[g] = points before group g (cached per axis)
-    ng, n = len(S) - 1, S[-1]
-    ends = []; g0, cur, target = 0, 0, n / y
-    while g0 < ng:
-        base = S[g0]
-        hi = bisect_left(S, base + target, g0 + 1, ng)              # first boundary at or past the target
+    S = S if S is not None else [0, *np.cumsum(sizes).tolist()]    # S[g] = points before group g
+    ends = _walk(S, y, 0, 0, S[-1] / y)
+    return np.repeat(np.arange(len(ends)), np.diff(ends, prepend=0)), len(ends)
+
+# %% ../nbs/03c_metrics.ipynb #29ed1bb0
+def _walk(S: list[int], y: int, g: int, cur: int, target: float) -> list[int]:
+    "The equipartition walk from group `g`, with `cur` rows closed and `target` points wanted in the next: the row ends."
+    ng, n, ends = len(S) - 1, S[-1], []
+    while g < ng:
+        base = S[g]
+        hi = bisect_left(S, base + target, g + 1, ng)              # first boundary at or past the target
         lo = hi - 1                                                 # the last one before it, if it closes a non-empty row
-        end = lo if lo > g0 and target - (S[lo] - base) <= (S[hi] - base) - target else hi
-        ends.append(end); g0 = end
-        if g0 < ng: cur += 1; target = (n - S[g0]) / (y - cur)
-    return np.repeat(np.arange(len(ends)), np.diff(ends, prepend=0)), cur + 1
+        g = lo if lo > g and target - (S[lo] - base) <= (S[hi] - base) - target else hi
+        ends.append(g)
+        if g < ng: cur += 1; target = (n - S[g]) / (y - cur)
+    return ends
 
 # %% ../nbs/03c_metrics.ipynb #e49a2d1f
 def _clumps(q: np.ndarray, xsizes: np.ndarray) -> np.ndarray:
@@ -45,15 +56,94 @@ def _clumps(q: np.ndarray, xsizes: np.ndarray) -> np.ndarray:
     lab = np.where(np.repeat(mixed, xsizes), -(gid + 1), q)
     return np.concatenate(([0], np.cumsum(lab[1:] != lab[:-1])))
 
-# %% ../nbs/03c_metrics.ipynb #8865494b
+# %% ../nbs/03c_metrics.ipynb #1d449ac1
+_TAIL = 12                                                          # walks finished one at a time below this many
+
+def _equipartitions(S: np.ndarray,       # cumulative counts of several axes end to end, each from 0
+                    first: np.ndarray,   # (m,) where problem i's counts start in S ...
+                    last: np.ndarray,    # (m,) ... and end
+                    ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:   # (m,) rows wanted; -> row ends (m, max ys), rows made (m,)
+    "`_equipartition` of many problems in lock-step: problem i splits counts `S[first[i]:last[i]+1]` into `ys[i]` rows."
+    seg = np.flatnonzero(S == 0)                                         # S: cumulative counts of several axes end to end
+    Scat = S + np.repeat(_starts(S[np.append(seg[1:] - 1, len(S) - 1)] + 1), np.diff(np.append(seg, len(S))))
+    m = len(ys); ar = np.arange(m); E = np.zeros((m, int(ys.max())), np.int64)
+    vo, nn, yy = Scat[first], S[last], np.asarray(ys, np.int64)          # Scat: one strictly increasing array
+    g, cur, target, live = first.copy(), np.zeros(m, np.int64), nn / yy, np.ones(m, bool)
+    while np.count_nonzero(live) > _TAIL:                                # one row of every walk per pass; a finished
+        base = S[g]                                                      # walk stays put (target 0)
+        hi = np.searchsorted(Scat, np.ceil(base + target).astype(np.int64) + vo)
+        lo = hi - 1
+        g = np.where((lo > g) & (target - (S[lo] - base) <= (S[hi] - base) - target), lo, hi)
+        E[ar, cur] = g - first
+        live = g < last; cur += live
+        target = (nn - S[g]) / (yy - cur)
+    lists = {}
+    for i in np.flatnonzero(live):                                       # the last few: one at a time
+        if (first[i], last[i]) not in lists: lists[first[i], last[i]] = S[first[i]:last[i] + 1].tolist()
+        S_i = lists[first[i], last[i]]
+        ends = _walk(S_i, int(yy[i]), int(g[i] - first[i]), int(cur[i]), float(target[i]))
+        E[i, cur[i]:cur[i] + len(ends)] = ends; cur[i] += len(ends) - 1
+    return E, cur + 1
+
+# %% ../nbs/03c_metrics.ipynb #10e0d195
+def _labels(E: np.ndarray, nq: np.ndarray) -> np.ndarray:
+    "Row of every group (int32), problems concatenated, from the row ends `E` `(m, K)` and the rows made `nq` `(m,)`."
+    keep = np.arange(E.shape[1]) < nq[:, None]
+    return np.repeat(np.nonzero(keep)[1].astype(np.int32), np.diff(E, prepend=0, axis=1)[keep])
+
+# %% ../nbs/03c_metrics.ipynb #c28df044
+def _axes(a, b, ia, ib) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "Tie groups of `a` (sizes, in a order), cumulative counts of `b`'s tie groups, and the b group of each point in a order."
+    asz, bsz = _runs(a[ia]), _runs(b[ib])
+    gb = np.empty(len(a), np.int64); gb[ib] = np.repeat(np.arange(len(bsz)), bsz)
+    return asz, np.concatenate(([0], np.cumsum(bsz))), gb[ia]
+
+# %% ../nbs/03c_metrics.ipynb #c09dc8cb
+def _clump_runs(lab: np.ndarray,          # (R, groups of b) row of each tie group of b, per problem
+                gba: np.ndarray,          # (n,) b group of each point, in a order
+                asz: np.ndarray) -> tuple[np.ndarray, ...]:   # sizes of a's tie groups, in a order
+    "(problem, clump, row, size) of each run of one row inside one clump, and clumps per problem, for `R` problems."
+    R, n = len(lab), len(gba)
+    Q = lab[:, gba].ravel()                                              # (R·n,) row of each point, in a order
+    cut = np.empty(R * n, bool); np.not_equal(Q[1:], Q[:-1], out=cut[1:]); cut[::n] = True   # a new run where the row changes
+    if len(asz) == n: flat = np.flatnonzero(cut); new = np.ones(len(flat), bool)
+    else:                                                                # ties in a: a tie group spanning rows is a clump
+        starts = _starts(asz); Q2, cut2 = Q.reshape(R, n), cut.reshape(R, n)
+        mixed = np.repeat(np.minimum.reduceat(Q2, starts, 1) != np.maximum.reduceat(Q2, starts, 1), asz, 1)
+        between = np.zeros(n - 1, bool); between[starts[1:] - 1] = True  # point k and k+1 in different a groups
+        cl = np.empty((R, n), bool); cl[:, 0] = True
+        cl[:, 1:] = between & (cut2[:, 1:] | mixed[:, 1:] | mixed[:, :-1])
+        cut2[:, 1:] |= cl[:, 1:]
+        flat = np.flatnonzero(cut); new = cl.ravel()[flat]
+    prob = flat // n
+    p = np.bincount(prob[new], minlength=R)                              # clumps per problem
+    clump = np.cumsum(new) - 1 - np.repeat(_starts(p), np.bincount(prob, minlength=R))
+    return prob, clump, Q[flat], np.diff(flat, append=R * n), p
+
+# %% ../nbs/03c_metrics.ipynb #a0ca47d4
+def _superclumps(prob, clump, size, p, kmax):
+    "Merge the clumps of every problem with more than `kmax` of them into `kmax` superclumps (an equipartition of clumps)."
+    sup = np.flatnonzero(p > kmax)
+    if not len(sup): return clump, p
+    off = np.concatenate(([0], np.cumsum(p))); gcl = off[prob] + clump  # global clump of each run
+    csz = np.bincount(gcl, weights=size, minlength=off[-1]).astype(np.int64)
+    sel, ps = np.repeat(p > kmax, p), p[sup]                             # the clumps to merge, problem by problem
+    cs = np.cumsum(csz[sel]); base = np.concatenate(([0], cs[np.cumsum(ps)[:-1] - 1]))
+    first = _starts(ps + 1); inner = np.ones(len(cs) + len(sup), bool); inner[first] = False
+    S = np.zeros(len(inner), np.int64); S[inner] = cs - np.repeat(base, ps)   # each problem's cumulative counts, from 0
+    E, nsc = _equipartitions(S, first, first + ps, kmax[sup])
+    new = np.arange(off[-1]) - np.repeat(off[:-1], p); new[sel] = _labels(E, nsc)
+    p = p.copy(); p[sup] = nsc
+    return new[gcl], p
+
+# %% ../nbs/03c_metrics.ipynb #4fa78b06
 _BLOCK, _SMALL = 128, 1 << 17                                  # clumps per block; cost tables up to _SMALL entries in one go
 
-def _best_mi(q: np.ndarray, nq: int, clump: np.ndarray, xmax: int, T: np.ndarray) -> np.ndarray:
-    "MI (nats) of the best partition into at most `l` columns of consecutive clumps, for `l = 0..xmax` (entries 0, 1 unused)."
-    p, n = int(clump[-1]) + 1, len(clump)
+def _best_mi(hist: np.ndarray, xmax: int, T: np.ndarray, n: int) -> np.ndarray:
+    "MI (nats) of the best partition into at most `l` columns of consecutive clumps, `l = 0..xmax` (0, 1 unused), from `hist` `(p, nq)`."
+    p, nq = hist.shape
     I = np.zeros(xmax + 1)
     if p == 1: return I
-    hist = np.bincount(clump * nq + q, minlength=p * nq).reshape(p, nq)       # points per clump and row
     cum = np.concatenate((np.zeros((1, nq), np.int64), np.cumsum(hist, 0)))   # (p+1, nq) points per row, first t clumps
     hq = (T[n] - T[cum[-1]].sum()) / n                                         # H(Q)
     cost = _cost(cum, T)                                                       # (p+1, p+1)
@@ -74,11 +164,13 @@ def _best_mi(q: np.ndarray, nq: int, clump: np.ndarray, xmax: int, T: np.ndarray
 def _cost(cum: np.ndarray, T: np.ndarray) -> np.ndarray:
     "`(p+1, p+1)` table of n_st·H(Q | clumps s+1..t) for s < t (inf elsewhere) from cumulative row counts `cum` `(p+1, nq)`."
     P = len(cum); c = cum.sum(1); cumT = np.ascontiguousarray(cum.T)        # (nq, p+1)
-    cost = np.full((P, P), np.inf)
-    if P * P * len(cumT) <= _SMALL:                                            # a small table: all pairs s < t at once
-        s, t = np.triu_indices(P, 1)
-        cost[s, t] = T.take(c[t] - c[s]) - T.take(cum[t] - cum[s]).sum(-1)
+    if P * P * len(cumT) <= _SMALL:                                            # a small table: the whole square at once
+        Tz, off = np.concatenate((np.zeros(len(T)), T)), len(T)               # Tz[k + off] = T[k], 0 for k < 0 (s > t)
+        cost = Tz.take(c[None, :] - c[:, None] + off)
+        for col in cumT: cost -= Tz.take(col[None, :] - (col[:, None] - off))  # one row of the equipartition at a time
+        cost[np.tri(P, dtype=bool)] = np.inf                                   # s >= t
         return cost
+    cost = np.full((P, P), np.inf)
     for s0 in range(0, P - 1, _BLOCK):                                         # blocks on or above the diagonal only
         for t0 in range(s0, P, _BLOCK):
             s1, t1 = min(s0 + _BLOCK, P), min(t0 + _BLOCK, P)
@@ -90,7 +182,90 @@ def _cost(cum: np.ndarray, T: np.ndarray) -> np.ndarray:
             cost[s0:s1, t0:t1] = blk
     return cost
 
+# %% ../nbs/03c_metrics.ipynb #1ed5458a
+def _cumrows(a: np.ndarray) -> np.ndarray:
+    "Prefix sums along the first axis with a zero row in front, `(P+1, ...)`: one vector add per row (far faster than `np.cumsum(a, 0)`)."
+    out = np.empty((len(a) + 1, *a.shape[1:]), a.dtype); out[0] = 0
+    for k in range(len(a)): np.add(out[k], a[k], out=out[k + 1])
+    return out
+
+# %% ../nbs/03c_metrics.ipynb #fddec684
+def _best_mi_sparse(hist: np.ndarray, p: np.ndarray, xmax: np.ndarray, T: np.ndarray, n: int) -> np.ndarray:
+    "`_best_mi` of `m` problems at once, `hist` `(P, m, NQ)` [clump, problem, row] zero-padded: `I` `(m, max xmax + 1)`."
+    P, m, NQ = hist.shape; ar = np.arange(m); I = np.zeros((m, int(xmax.max()) + 1))
+    Tz = np.concatenate((np.zeros(n + 1), T))                                 # Tz[k + n + 1] = k log k, 0 for k < 0
+    cum = _cumrows(hist); c = cum.sum(2)                                       # (P+1, m, NQ), (P+1, m)
+    hq = (T[n] - T.take(cum[p, ar]).sum(-1)) / n
+    t, rest = np.divmod(np.flatnonzero(hist), m * NQ); i, j = np.divmod(rest, NQ)   # non-empty (clump, problem, row)
+    cumT = cum.transpose(1, 2, 0).copy(); rowc = cumT[i, j]                    # (nnz, P+1) row j's points in clumps < s
+    F = Tz.take((cumT[i, j, t + 1] + n + 1)[:, None] - rowc)                  # clump t+1 joins (s, t]: change of the row's τ
+    F -= Tz.take((cumT[i, j, t] + n + 1)[:, None] - rowc)                     # (zero for s > t)
+    key = t * m + i
+    if (key[1:] == key[:-1]).any():                                            # several rows in a clump: add them up
+        first = np.flatnonzero(np.diff(key, prepend=-1)); F = np.add.reduceat(F, first, 0); t, i = t[first], i[first]
+    D = np.zeros((P + 1, P + 1, m)); D[t + 1, :, i] = F                         # [t, s, problem]
+    for k in range(1, P + 1): np.add(D[k - 1], D[k], out=D[k])              # sum over rows of τ(n_stq) = running sum over t
+    cost = Tz.take(c[:, None, :] - c[None, :, :] + (n + 1)) - D              # [t, s, problem]: n_st H(Q | clumps s+1..t)
+    tix = np.arange(P + 1); cost[tix[:, None] <= tix[None, :]] = np.inf
+    L = np.minimum(xmax, p); G = cost[:, 0]
+    for l in range(2, int(L.max()) + 1):
+        G = np.minimum.reduce(G[None] + cost, axis=1)                        # G_l(t) = min_s G_{l-1}(s) + cost(s, t)
+        I[:, l] = hq - G[p, ar] / n
+    return I[ar[:, None], np.minimum(np.arange(I.shape[1])[None], L[:, None])]   # at most p columns: I(l > p) = I(p)
+
+# %% ../nbs/03c_metrics.ipynb #ea4d100a
+def _best_mi_two(hist: np.ndarray, p: np.ndarray, T: np.ndarray, n: int) -> np.ndarray:
+    "`I[:, 2]` of `m` problems with at most 2 columns, `hist` `(P, m, NQ)`: only `cost(0, s)` and `cost(s, p)` are needed. `(m, 3)`."
+    P, m, NQ = hist.shape; ar = np.arange(m)
+    cum = _cumrows(hist); c = cum.sum(2); top = cum[p, ar]                    # (P+1, m, NQ), (P+1, m), (m, NQ)
+    Tz = np.concatenate((np.zeros(n + 1), T))
+    left = T.take(c) - T.take(cum).sum(2)                                      # cost(0, s)     [s, problem]
+    right = Tz.take(c[p, ar] - c + (n + 1)) - Tz.take(top - cum + (n + 1)).sum(2)   # cost(s, p)
+    s = np.arange(P + 1)[:, None]
+    G = np.where((s >= 1) & (s < p), left + right, np.inf).min(0)
+    I = np.zeros((m, 3)); I[:, 2] = np.where(p > 1, (T[n] - T.take(top).sum(-1)) / n - G / n, 0.0)
+    return I
+
+# %% ../nbs/03c_metrics.ipynb #7f147808
+def _hists(prob, clump, row, size, idx, P, NQ) -> np.ndarray:
+    "Zero-padded histograms `(P, len(idx), NQ)` [clump, problem, row] of the problems `idx`, from the runs."
+    loc = np.full(int(prob[-1]) + 1, -1); loc[idx] = np.arange(len(idx)); sel = loc[prob] >= 0
+    h = np.bincount((clump[sel] * len(idx) + loc[prob[sel]]) * NQ + row[sel], weights=size[sel], minlength=P * len(idx) * NQ)
+    return h.astype(np.int64).reshape(P, len(idx), NQ)
+
+# %% ../nbs/03c_metrics.ipynb #2b59e480
+_SPARSE_P, _PAD = 64, 4096                                              # sparse batches: clumps at most; padding allowed
+
+def _all_mi(prob, clump, row, size, p, nq, xmax, T, n) -> np.ndarray:
+    "`I[i, l]`, the best MI of problem i with at most l columns, each problem sent to the fastest exact path."
+    m = len(p); I = np.zeros((m, int(xmax.max()) + 1))
+    start = np.searchsorted(prob, np.arange(m + 1))                            # runs of problem i: start[i]:start[i+1]
+    two = xmax == 2
+    if two.any():
+        idx = np.flatnonzero(two)
+        I[idx, :3] = _best_mi_two(_hists(prob, clump, row, size, idx, int(p[idx].max()), int(nq[idx].max())), p[idx], T, n)
+    sparse = ~two & (p <= _SPARSE_P) & (2 * np.diff(start) <= (p + 1) * nq)   # few rows per clump
+    for idx in _batches(np.flatnonzero(sparse), p):
+        h = _hists(prob, clump, row, size, idx, int(p[idx].max()), int(nq[idx].max()))
+        I[idx, :int(xmax[idx].max()) + 1] = _best_mi_sparse(h, p[idx], xmax[idx], T, n)
+    for i in np.flatnonzero(~two & ~sparse):                                   # many rows per clump, or many clumps
+        a, b = start[i], start[i + 1]
+        h = np.bincount(clump[a:b] * nq[i] + row[a:b], weights=size[a:b], minlength=p[i] * nq[i])
+        I[i, :xmax[i] + 1] = _best_mi(h.astype(np.int64).reshape(p[i], nq[i]), int(xmax[i]), T, n)
+    return I
+
+# %% ../nbs/03c_metrics.ipynb #cc6af08c
+def _batches(idx: np.ndarray, p: np.ndarray) -> list[np.ndarray]:
+    "Problems `idx` in batches of similar clump counts `p`: a batch closes before its zero-padding would exceed `_PAD` cells."
+    out, cur, cells = [], [], 0                                          # cells: sum of (p_i + 1)^2 in the batch
+    for i in idx[np.argsort(p[idx], kind="stable")]:
+        if cur and (len(cur) + 1) * (p[i] + 1) ** 2 - cells - (p[i] + 1) ** 2 > _PAD: out.append(np.array(cur)); cur, cells = [], 0
+        cur.append(i); cells += (p[i] + 1) ** 2
+    return out + [np.array(cur)] if cur else out
+
 # %% ../nbs/03c_metrics.ipynb #523cee29
+_POINTS = 1 << 22                                                       # points per chunk of problems (memory bound)
+
 def mine_matrix(x,                         # (n,) samples of the first variable
                 y,                         # (n,) samples of the second variable
                 alpha: float = 0.6,        # grid budget B = max(n^alpha, 4)
@@ -101,26 +276,43 @@ def mine_matrix(x,                         # (n,) samples of the first variable
     if c <= 0: raise ValueError(f"c={c} must be > 0.")
     n = len(x); B = max(n ** alpha, 4.0); K = max(int(B // 2), 2)
     T = np.arange(n + 1, dtype=np.float64); T = T * np.log(np.maximum(T, 1))  # k log k
-    M = np.full((K + 1, K + 1), np.nan)
-    ix, iy = np.argsort(x, kind="stable"), np.argsort(y, kind="stable")
-    for a, b, ia, ib, swap in ((x, y, ix, iy, False), (y, x, iy, ix, True)):  # rows on b, columns on a
-        asz, bsz = _runs(a[ia]), _runs(b[ib]); Sb = [0, *np.cumsum(bsz).tolist()]
-        for rows in range(2, K + 1):
-            xmax = int(B // rows)
-            if xmax < 2: break
-            qg, nq = _equipartition(bsz, rows, Sb)
-            qpt = np.empty(n, np.int64); qpt[ib] = np.repeat(qg, bsz)
-            q = qpt[ia]                                                         # row of each point, in a order
-            clump = _clumps(q, asz)
-            kmax = max(int(c * xmax), 1)
-            if clump[-1] + 1 > kmax:                                            # superclumps
-                cs = _runs(clump); clump = np.repeat(_equipartition(cs, kmax)[0], cs)
-            I = _best_mi(q, nq, clump, xmax, T)
-            cols = np.arange(2, xmax + 1)
-            s = I[2:] / np.minimum(np.log(cols), math.log(nq)) if nq > 1 else np.zeros(len(cols))
-            if swap: M[2:xmax + 1, rows] = np.fmax(M[2:xmax + 1, rows], s)
-            else: M[rows, 2:xmax + 1] = np.fmax(M[rows, 2:xmax + 1], s)
-    return M
+    rows = np.arange(2, K + 1); cols = (B // rows).astype(np.int64); rows, cols = rows[cols >= 2], cols[cols >= 2]
+    R = len(rows); ix, iy = np.argsort(x, kind="stable"), np.argsort(y, kind="stable")
+    # problems 0..R-1: rows on y, columns on x; problems R..2R-1: the other way round
+    (tx, Sy, y_by_x), (ty, Sx, x_by_y) = _axes(x, y, ix, iy), _axes(y, x, iy, ix)
+    E, nq = _equipartitions(np.concatenate((Sy, Sx)), np.repeat([0, len(Sy)], R),
+                            np.repeat([len(Sy) - 1, len(Sy) + len(Sx) - 1], R), np.concatenate((rows, rows)))
+    xmax = np.concatenate((cols, cols)); I = np.zeros((2 * R, int(cols.max()) + 1))
+    step = max(1, _POINTS // (2 * n))                                     # at most _POINTS points in a chunk's runs
+    for r0 in range(0, R, step):
+        i0 = np.arange(r0, min(r0 + step, R)); idx = np.concatenate((i0, i0 + R))
+        Ic = _chunk_mi(E[idx], nq[idx], xmax[idx], (y_by_x, tx), (x_by_y, ty), c, T)
+        I[idx, :Ic.shape[1]] = Ic
+    return _fill(I, nq, rows, xmax, K)
+
+# %% ../nbs/03c_metrics.ipynb #319d3e35
+def _fill(I: np.ndarray, nq: np.ndarray, rows: np.ndarray, xmax: np.ndarray, K: int) -> np.ndarray:
+    "`(K+1, K+1)` matrix of `I / log min(columns, rows made)`, problems `0..R-1` with columns on x, `R..2R-1` on y; max of the two."
+    R, X = len(rows), I.shape[1] - 1
+    den = np.minimum(np.log(np.arange(2, X + 1))[None], np.log(nq)[:, None])
+    sc = np.divide(I[:, 2:], den, out=np.zeros_like(den), where=nq[:, None] > 1)
+    i, l = np.nonzero(np.arange(2, X + 1)[None] <= xmax[:, None]); r = rows[i % R]
+    M = np.full((2, K + 1, K + 1), np.nan); on_x = i < R
+    M[0, r[on_x], l[on_x] + 2] = sc[i[on_x], l[on_x]]
+    M[1, l[~on_x] + 2, r[~on_x]] = sc[i[~on_x], l[~on_x]]
+    return np.fmax(M[0], M[1])
+
+def mic(x, y, alpha=0.6, c=15): return float(np.nanmax(mine_matrix(x, y, alpha, c)))
+
+# %% ../nbs/03c_metrics.ipynb #ae3a237b
+def _chunk_mi(E, nq, xmax, ax0, ax1, c, T) -> np.ndarray:
+    "`I` of problems whose first half has rows on y (`ax0` = b group of each x-sorted point, x's ties), second half on x."
+    h = len(E) // 2
+    p0, c0, r0, s0, n0 = _clump_runs(_labels(E[:h], nq[:h]).reshape(h, -1), *ax0)
+    p1, c1, r1, s1, n1 = _clump_runs(_labels(E[h:], nq[h:]).reshape(h, -1), *ax1)
+    prob, clump, row, size, p = (np.concatenate(v) for v in ((p0, p1 + h), (c0, c1), (r0, r1), (s0, s1), (n0, n1)))
+    clump, p = _superclumps(prob, clump, size, p, np.maximum((c * xmax).astype(np.int64), 1))
+    return _all_mi(prob, clump, row, size, p, nq, xmax, T, len(T) - 1)
 
 # %% ../nbs/03c_metrics.ipynb #daef1817
 def _check_xy(x, y) -> tuple[np.ndarray, np.ndarray]:

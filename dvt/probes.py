@@ -5,6 +5,7 @@
 # %% ../nbs/03e_probes.ipynb #3fea1ff5
 from __future__ import annotations
 import hashlib, json, math, os, time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace, asdict
 from pathlib import Path
 from typing import Callable
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from .core import pick_device
 from .config import make_config, lr_schedule
+from .train import dist_info, init_distributed
 from .runs import atomic_write, clean_temporaries, module_fingerprint, read_json, write_json
 from .contract import check_backbone, grid_shape, fit_size, valid_size, dvt_input_size
 from .datasets import load_dataset, SegmentationDataset, NYUDepthV2
@@ -22,12 +24,13 @@ from .metrics import confusion_matrix, seg_scores, depth_metrics, mean_metrics
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'Extractor', 'SEG_PROBE_PRESETS', 'DEPTH_PROBE_PRESETS', 'grid_spec', 'pad_to_grid', 'extract',
-           'prepare_extractor', 'progress', 'LinearSegHead', 'DepthHead', 'SegProbeConfig', 'DepthProbeConfig',
-           'seg_probe_config', 'depth_probe_config', 'SegTrainSet', 'seg_logits', 'backbone_fingerprint',
-           'dataset_fingerprint', 'probe_fingerprint', 'save_probe_state', 'load_probe_state', 'save_probe_result',
-           'load_probe_result', 'iteration_generator', 'IterationBatches', 'fit_probe', 'probe_memory_estimate',
-           'check_probe_memory', 'train_seg_probe', 'eval_seg_probe', 'run_seg_probe', 'DepthTrainSet', 'sig_loss',
-           'predict_depth', 'train_depth_probe', 'eval_depth_probe', 'run_depth_probe']
+           'prepare_extractor', 'progress', 'GlobalBatchNorm2d', 'LinearSegHead', 'DepthHead', 'SegProbeConfig',
+           'DepthProbeConfig', 'seg_probe_config', 'depth_probe_config', 'SegTrainSet', 'seg_logits',
+           'backbone_fingerprint', 'dataset_fingerprint', 'probe_fingerprint', 'save_probe_state', 'load_probe_state',
+           'save_probe_result', 'load_probe_result', 'iteration_generator', 'IterationBatches', 'fit_probe',
+           'probe_group', 'probe_device', 'check_world', 'from_rank0', 'global_sum', 'gather_lists', 'ddp_head',
+           'probe_memory_estimate', 'check_probe_memory', 'train_seg_probe', 'eval_seg_probe', 'run_seg_probe',
+           'DepthTrainSet', 'sig_loss', 'predict_depth', 'train_depth_probe', 'eval_depth_probe', 'run_depth_probe']
 
 # %% ../nbs/03e_probes.ipynb #4e5e70f5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -79,16 +82,38 @@ def prepare_extractor(extractor: Extractor, device) -> Extractor:
     return extractor
 
 def progress(n: int, desc: str):
-    "A tqdm bar of `n` steps that disappears when done."
+    "A tqdm bar of `n` steps that disappears when done (shown by process 0 alone under `torchrun`)."
     from tqdm.auto import tqdm
-    return tqdm(total=n, desc=desc, leave=False)
+    return tqdm(total=n, desc=desc, leave=False, disable=dist_info()[0] != 0)
+
+# %% ../nbs/03e_probes.ipynb #6a2f9c13
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    "`nn.BatchNorm2d` whose training statistics are the global batch's under `torchrun` (all-reduced sums); plain in one process."
+    def forward(self, x: torch.Tensor) -> torch.Tensor:       # x (B, C, h, w) -> (B, C, h, w)
+        if not self.training or dist_info()[1] == 1: return super().forward(x)
+        if x.requires_grad:
+            raise RuntimeError("GlobalBatchNorm2d normalises frozen features (no gradient into them); use nn.SyncBatchNorm "
+                               "on GPUs to train through the statistics.")
+        import torch.distributed as dist
+        C = x.shape[1]; xd = x.detach().double()
+        sums = torch.cat([xd.new_tensor([xd.numel() / C]), xd.sum((0, 2, 3)), (xd * xd).sum((0, 2, 3))])   # (1 + 2C,)
+        dist.all_reduce(sums)                                  # count, sum, sum of squares over every process
+        n, mean = sums[0], sums[1:C + 1] / sums[0]
+        var = (sums[C + 1:] / n - mean * mean).clamp_min(0)    # biased: the one the batch is normalised with
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
+                self.running_var.mul_(1 - m).add_(m * (var * n / (n - 1)).to(self.running_var.dtype))
+        return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), self.weight, self.bias, False, 0.0, self.eps)
 
 # %% ../nbs/03e_probes.ipynb #d397fbfb
 class LinearSegHead(nn.Module):
     "BN + 1x1 conv: tokens `(B, h, w, C)` -> class logits `(B, K, h, w)`; `generator` seeds the initial weights."
     def __init__(self, in_dim: int, num_classes: int, generator: torch.Generator | None = None):
         super().__init__()
-        self.bn = nn.BatchNorm2d(in_dim); self.conv = nn.Conv2d(in_dim, num_classes, 1)
+        self.bn = GlobalBatchNorm2d(in_dim); self.conv = nn.Conv2d(in_dim, num_classes, 1)
         nn.init.normal_(self.conv.weight, std=0.01, generator=generator); nn.init.zeros_(self.conv.bias)
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.conv(self.bn(feats.permute(0, 3, 1, 2)))
@@ -101,7 +126,7 @@ class DepthHead(nn.Module):
         super().__init__()
         if head not in ("bins", "linear"): raise ValueError(f"head={head!r} is unknown; use 'bins' (DVT's) or 'linear'.")
         self.head, self.min_depth, self.max_depth, self.upsample = head, min_depth, max_depth, upsample
-        self.bn = nn.BatchNorm2d(in_dim) if bn else nn.Identity()
+        self.bn = GlobalBatchNorm2d(in_dim) if bn else nn.Identity()
         self.conv = nn.Conv2d(in_dim, n_bins if head == "bins" else 1, 1)
         nn.init.normal_(self.conv.weight, std=0.01, generator=generator); nn.init.zeros_(self.conv.bias)
         if head == "linear": nn.init.constant_(self.conv.bias, 3.0)   # start at a typical indoor depth: the ReLU is active
@@ -363,15 +388,17 @@ def iteration_generator(seed: int, it: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + it) % 2**63)
 
 class IterationBatches(Dataset):
-    "Item `k` = the whole batch of iteration `start + k`: `batch_size` samples drawn with replacement, each with its own seed."
-    def __init__(self, train_set: Dataset, batch_size: int, seed: int, start: int, stop: int):
+    "Item `k` = the batch of iteration `start + k` (this process's share: samples `rank, rank + world, ...`), drawn with replacement."
+    def __init__(self, train_set: Dataset, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1):
         self.train_set, self.batch_size, self.seed, self.start, self.stop = train_set, batch_size, seed, start, stop
+        self.rank, self.world = rank, world
     def __len__(self): return max(0, self.stop - self.start)
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = iteration_generator(self.seed, self.start + k)
+        g = iteration_generator(self.seed, self.start + k)                # every process draws the whole batch ...
         idx = torch.randint(0, len(self.train_set), (self.batch_size,), generator=g)
         seeds = torch.randint(0, 2**62, (self.batch_size,), generator=g)
-        xs, ys = zip(*(self.train_set.item(int(i), int(s)) for i, s in zip(idx, seeds)))
+        share = range(self.rank, self.batch_size, self.world)              # ... and loads its share of it
+        xs, ys = zip(*(self.train_set.item(int(idx[j]), int(seeds[j])) for j in share))
         return torch.stack(xs), torch.stack(ys)
 
 # %% ../nbs/03e_probes.ipynb #69764a09
@@ -381,32 +408,36 @@ def fit_probe(extractor: Extractor, train_set: Dataset, cfg, make_head: Callable
               lr_kind: str = "poly",                # 'poly' (segmentation) or 'cosine' (depth) decay
               on_step: Callable | None = None,      # called with the number of finished iterations after each one
               desc: str = "probe") -> nn.Module:
-    "Train a head on frozen features of `extractor` for `cfg.iters` iterations (AdamW); return it in eval mode."
-    dev = pick_device(cfg.device); extractor = prepare_extractor(extractor, dev)
-    state = load_probe_state(checkpoint, fingerprint); start = state["iteration"] if state else 0
-    head, opt = _head_and_optimiser(make_head, state["in_dim"], cfg, dev, state) if state else (None, None)
-    batches = DataLoader(IterationBatches(train_set, cfg.batch_size, cfg.seed, start, cfg.iters), batch_size=None,
-                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))   # not the global RNG
-    bar = progress(cfg.iters, desc); bar.update(start)
-    for it, (img, target) in enumerate(batches, start):
-        xp = pad_to_grid(img.to(dev), p, s); target = target.to(dev)
-        f = extract(extractor, xp, p, s, None if head is None else head.in_dim, cfg.extract_batch)
-        if head is None:
-            head, opt = _head_and_optimiser(make_head, f.shape[-1], cfg, dev)
-            check_probe_memory(cfg, dev, f.shape[-1], head, xp.shape[-2:], p, s)
-        for group in opt.param_groups:
-            group["lr"] = lr_schedule(it, cfg.iters, cfg.lr, cfg.warmup_iters, warmup_kind="scaled", decay=lr_kind,
-                                      power=getattr(cfg, "poly_power", 1.0), warmup_ratio=cfg.warmup_ratio)
-        loss = loss_fn(head, f, target, xp.shape[-2:])
-        opt.zero_grad(set_to_none=True); loss.backward()
-        if getattr(cfg, "grad_clip", 0): nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
-        opt.step(); done = it + 1
-        if checkpoint and (done % cfg.save_every == 0 or done == cfg.iters):
-            save_probe_state(checkpoint, dict(fingerprint=fingerprint, iteration=done, in_dim=head.in_dim, head=head.state_dict(),
-                                              optimizer=opt.state_dict(), rng=dict(seed=cfg.seed, scheme="iteration_generator")))
-        bar.update(1); bar.set_postfix(loss=f"{loss.item():.3f}")
-        if on_step: on_step(done)
-    bar.close()
+    "Train a head on frozen features of `extractor` for `cfg.iters` iterations (AdamW); return it in eval mode. Under `torchrun`: DDP."
+    with probe_group() as (rank, world):
+        check_world(cfg.batch_size, world)
+        dev = probe_device(cfg.device); extractor = prepare_extractor(extractor, dev)
+        state = from_rank0(lambda: load_probe_state(checkpoint, fingerprint)); start = state["iteration"] if state else 0
+        head, opt = _head_and_optimiser(make_head, state["in_dim"], cfg, dev, state) if state else (None, None)
+        batches = DataLoader(IterationBatches(train_set, cfg.batch_size, cfg.seed, start, cfg.iters, rank, world), batch_size=None,
+                             num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))   # not the global RNG
+        bar, net = progress(cfg.iters, desc), None; bar.update(start)
+        for it, (img, target) in enumerate(batches, start):
+            xp = pad_to_grid(img.to(dev), p, s); target = target.to(dev)
+            f = extract(extractor, xp, p, s, None if head is None else head.in_dim, cfg.extract_batch)
+            if head is None:
+                head, opt = _head_and_optimiser(make_head, f.shape[-1], cfg, dev)
+                check_probe_memory(replace(cfg, batch_size=len(xp)), dev, f.shape[-1], head, xp.shape[-2:], p, s)
+            if net is None: net = ddp_head(head, dev, world)             # the head itself in one process
+            for group in opt.param_groups:
+                group["lr"] = lr_schedule(it, cfg.iters, cfg.lr, cfg.warmup_iters, warmup_kind="scaled", decay=lr_kind,
+                                          power=getattr(cfg, "poly_power", 1.0), warmup_ratio=cfg.warmup_ratio)
+            loss = loss_fn(net, f, target, xp.shape[-2:])                # the global batch's loss, on every process
+            opt.zero_grad(set_to_none=True); loss.backward()             # DDP averages the gradients over the processes
+            if getattr(cfg, "grad_clip", 0): nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
+            opt.step(); done = it + 1
+            if rank == 0 and checkpoint and (done % cfg.save_every == 0 or done == cfg.iters):
+                save_probe_state(checkpoint, dict(fingerprint=fingerprint, iteration=done, in_dim=head.in_dim, head=head.state_dict(),
+                                                  optimizer=opt.state_dict(), rng=dict(seed=cfg.seed, scheme="iteration_generator"),
+                                                  processes=world))
+            bar.update(1); bar.set_postfix(loss=f"{loss.item():.3f}")
+            if on_step: on_step(done)
+        bar.close()
     head.eval(); head.iters = cfg.iters
     return head
 
@@ -419,6 +450,62 @@ def _head_and_optimiser(make_head: Callable, in_dim: int, cfg, dev, state: dict 
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if state: head.load_state_dict(state["head"]); opt.load_state_dict(state["optimizer"])
     return head, opt
+
+# %% ../nbs/03e_probes.ipynb #ae6b3057
+@contextmanager
+def probe_group():
+    "`(rank, world)` inside: the open process group's, else `torchrun`'s (joined when WORLD_SIZE > 1, kept until exit), else `(0, 1)`."
+    import atexit, torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        init_distributed()                                 # torchrun's group cannot be joined twice in one process:
+        atexit.register(dist.destroy_process_group)        # joined once, left when the process ends
+    yield dist_info()
+
+def probe_device(device: str | None = None) -> torch.device:
+    "`dvt.core.pick_device(device)`, a bare 'cuda' pinned to this process's GPU (the one `torchrun`'s group set)."
+    dev = pick_device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if dev.type == "cuda" and dev.index is None else dev
+
+def check_world(batch_size: int, world: int):
+    "Refuse more processes than samples per batch (each process trains on a share of every batch)."
+    if world > batch_size:
+        raise ValueError(f"{world} processes for batch_size={batch_size}: each process needs at least one sample of every batch; "
+                         f"launch at most {batch_size} (torchrun --nproc_per_node), the batch size being the protocol's.")
+
+# %% ../nbs/03e_probes.ipynb #bf7c4168
+def from_rank0(fn: Callable):
+    "`fn()` computed by process 0 and sent to every process (one reading of the files); `fn()` itself in one process."
+    rank, world = dist_info()
+    if world == 1: return fn()
+    import torch.distributed as dist
+    box = [fn() if rank == 0 else None]; dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+def global_sum(x: torch.Tensor) -> torch.Tensor:
+    "`x` summed over the processes, differentiably (the backward pass all-reduces the gradient); `x` itself in one process."
+    return x if dist_info()[1] == 1 else _SumOverProcesses.apply(x)
+
+class _SumOverProcesses(torch.autograd.Function):
+    "All-reduce (sum) forward and backward: the gradient of a sum over processes with respect to each process's part."
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+        x = x.clone(); dist.all_reduce(x); return x
+    @staticmethod
+    def backward(ctx, g): return _SumOverProcesses.apply(g)
+
+def gather_lists(items: list) -> list:
+    "Every process's `items` concatenated in rank order (the same list on every process); `items` itself in one process."
+    if dist_info()[1] == 1: return items
+    import torch.distributed as dist
+    parts = [None] * dist_info()[1]; dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+def ddp_head(head: nn.Module, dev: torch.device, world: int) -> nn.Module:
+    "`head` wrapped in `DistributedDataParallel` (averaged gradients) under a process group; `head` itself in one process."
+    if world == 1: return head
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(head, device_ids=[dev.index] if dev.type == "cuda" else None)
 
 # %% ../nbs/03e_probes.ipynb #d6e46d2d
 def probe_memory_estimate(cfg,                    # the probe's settings (its batch_size is used)
@@ -473,7 +560,9 @@ def train_seg_probe(backbone: Extractor, train_ds: SegmentationDataset,
     K, ignore = train_ds.num_classes, train_ds.ignore_index
     def loss(head, f, lab, size):                # f (B, h, w, C), lab (B, c, c) -> cross-entropy at the label size
         logits = F.interpolate(head(f), size=lab.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(logits, lab, ignore_index=ignore)
+        if dist_info()[1] == 1: return F.cross_entropy(logits, lab, ignore_index=ignore)
+        total = global_sum(F.cross_entropy(logits, lab, ignore_index=ignore, reduction="sum"))   # the global batch's mean
+        return total / global_sum((lab != ignore).sum().to(total.dtype))
     head = fit_probe(backbone, SegTrainSet(train_ds, cfg, crop), cfg, lambda d, g: LinearSegHead(d, K, g), loss, p, s,
                      checkpoint, fp, "poly", on_step, f"seg probe ({getattr(train_ds, 'name', 'seg')})")
     head.crop, head.grid = crop, (p, s)
@@ -491,14 +580,16 @@ def eval_seg_probe(backbone: Extractor,                      # the frozen extrac
     cfg = seg_probe_config(config if config is not None else preset, **overrides); p, s = head.grid
     dev = next(head.parameters()).device; backbone = prepare_extractor(backbone, dev); K = val_ds.num_classes
     crop = valid_size(cfg.crop_size, p, s) if cfg.crop_size else head.crop
-    conf = torch.zeros(K, K, dtype=torch.long); bar = progress(len(val_ds), f"seg eval ({getattr(val_ds, 'name', 'seg')})")
-    for i in range(len(val_ds)):
-        img, lab = val_ds[i]
-        x = F.interpolate(img[None], size=_rescale_size(*lab.shape, cfg.scale, cfg.max_long), mode="bilinear", align_corners=False)[0].clamp(0, 1)
-        lg = seg_logits(backbone, head, x, p, s, crop, cfg.slide_stride, cfg.mode, cfg.eval_batch)
-        pred = F.interpolate(lg[None], size=lab.shape, mode="bilinear", align_corners=False)[0].argmax(0).cpu()
-        conf += confusion_matrix(pred, lab, K, val_ds.ignore_index); bar.update(1)
-    bar.close()
+    with probe_group() as (rank, world):
+        mine = range(rank, len(val_ds), world)              # this process's images; the confusion matrices are summed
+        conf = torch.zeros(K, K, dtype=torch.long); bar = progress(len(mine), f"seg eval ({getattr(val_ds, 'name', 'seg')})")
+        for i in mine:
+            img, lab = val_ds[i]
+            x = F.interpolate(img[None], size=_rescale_size(*lab.shape, cfg.scale, cfg.max_long), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+            lg = seg_logits(backbone, head, x, p, s, crop, cfg.slide_stride, cfg.mode, cfg.eval_batch)
+            pred = F.interpolate(lg[None], size=lab.shape, mode="bilinear", align_corners=False)[0].argmax(0).cpu()
+            conf += confusion_matrix(pred, lab, K, val_ds.ignore_index); bar.update(1)
+        bar.close(); conf = global_sum(conf.to(dev)).cpu()
     return {**seg_scores(conf), "confusion": conf}
 
 # %% ../nbs/03e_probes.ipynb #74252902
@@ -517,13 +608,14 @@ def run_seg_probe(backbone: Extractor, root: str | Path | None = None, dataset: 
     train_ds, val_ds = load_dataset(dataset, root, "train" if dataset == "voc" else "training"), load_dataset(dataset, root)
     bid = backbone_id or backbone_fingerprint(backbone); t0 = time.time()
     ck, fp = _probe_files(checkpoint_dir, f"seg_{dataset}"), probe_fingerprint("seg", cfg, backbone, train_ds, val_ds, backbone_id=bid)
-    if (done := load_probe_result(ck[1], fp)) is not None:
-        return {**done, "head": train_seg_probe(backbone, train_ds, cfg, ck[0], None, patch_size, stride, bid), "from_cache": True}
-    head = train_seg_probe(backbone, train_ds, cfg, ck[0], on_step, patch_size, stride, bid)
-    res = eval_seg_probe(backbone, head, val_ds, cfg)
+    with probe_group() as (rank, world):                   # under torchrun: one process group for training and evaluation
+        if (done := from_rank0(lambda: load_probe_result(ck[1], fp))) is not None:
+            return {**done, "head": train_seg_probe(backbone, train_ds, cfg, ck[0], None, patch_size, stride, bid), "from_cache": True}
+        head = train_seg_probe(backbone, train_ds, cfg, ck[0], on_step, patch_size, stride, bid)
+        res = eval_seg_probe(backbone, head, val_ds, cfg)
     out = dict(dataset=dataset, mIoU=res["mIoU"], mAcc=res["mAcc"], aAcc=res["aAcc"], IoU=res["IoU"], iters=head.iters,
-               n_train=len(train_ds), n_val=len(val_ds), crop=head.crop, seconds=time.time() - t0, fingerprint=fp)
-    save_probe_result(ck[1], out)
+               n_train=len(train_ds), n_val=len(val_ds), crop=head.crop, processes=world, seconds=time.time() - t0, fingerprint=fp)
+    if rank == 0: save_probe_result(ck[1], out)
     return {**out, "head": head, "from_cache": False}
 
 # %% ../nbs/03e_probes.ipynb #fb32e3ee
@@ -560,11 +652,20 @@ class DepthTrainSet(Dataset):
 # %% ../nbs/03e_probes.ipynb #bff3816b
 def sig_loss(pred: torch.Tensor, target: torch.Tensor, min_depth: float = 1e-3, max_depth: float = 10.0,
              variance_focus: float = 0.15) -> torch.Tensor:
-    "Scale-invariant log loss over pixels with `min_depth < target < max_depth`: sqrt(var(g) + focus * mean(g)^2)."
+    "Scale-invariant log loss over pixels with `min_depth < target < max_depth`: sqrt(var(g) + focus * mean(g)^2); global under `torchrun`."
     valid = (target > min_depth) & (target < max_depth)
+    if dist_info()[1] > 1: return _global_sig_loss(pred, target, valid, min_depth, variance_focus)
     if valid.sum() < 2: return pred.sum() * 0
     g = torch.log(pred[valid].clamp_min(min_depth)) - torch.log(target[valid])
     return torch.sqrt(g.var() + variance_focus * g.mean() ** 2 + 1e-12)
+
+def _global_sig_loss(pred, target, valid, min_depth: float, variance_focus: float) -> torch.Tensor:
+    "`sig_loss` over the global batch: n, sum(g) and sum(g^2) of every process (float64, through `global_sum`)."
+    g = (torch.log(pred[valid].clamp_min(min_depth)) - torch.log(target[valid])).double()
+    n, s1, s2 = global_sum(torch.stack([g.new_tensor(float(g.numel())), g.sum(), (g * g).sum()]))
+    if n < 2: return pred.sum() * 0
+    mean = s1 / n; var = (s2 - s1 * mean) / (n - 1)              # unbiased, as torch.var
+    return torch.sqrt(var.clamp_min(0) + variance_focus * mean ** 2 + 1e-12).to(pred.dtype)
 
 @torch.no_grad()
 def predict_depth(extractor: Extractor, head: DepthHead, images: torch.Tensor, p: int, s: int, flip: bool = True,
@@ -612,16 +713,18 @@ def eval_depth_probe(backbone: Extractor,                     # the frozen extra
     "NYU metrics of a trained head: per-image rmse, abs_rel, d1 ... (Eigen crop, 0.001-10 m), averaged over `test_ds`."
     cfg = depth_probe_config(config if config is not None else preset, **overrides); p, s = head.grid
     backbone = prepare_extractor(backbone, next(head.parameters()).device)
-    per = []; bar = progress(len(test_ds), "depth eval")
-    for i in range(0, len(test_ds), cfg.eval_batch):
-        items = [test_ds[j] for j in range(i, min(i + cfg.eval_batch, len(test_ds)))]
-        groups = [items] if len({it[1].shape for it in items}) == 1 else [[it] for it in items]   # batch same-size images
-        for grp in groups:
-            pred = predict_depth(backbone, head, torch.stack([it[0] for it in grp]), p, s, cfg.test_flip, cfg.extract_batch).cpu()
-            per += [depth_metrics(pr, it[1], cfg.min_depth, cfg.max_depth) for pr, it in zip(pred, grp)]
-        bar.update(len(items))
-    bar.close()
-    return mean_metrics(per)
+    with probe_group() as (rank, world):
+        starts = range(0, len(test_ds), cfg.eval_batch)[rank::world]   # this process's batches; the metrics are gathered
+        per = []; bar = progress(len(starts), "depth eval")
+        for i in starts:
+            idx = list(range(i, min(i + cfg.eval_batch, len(test_ds)))); items = [test_ds[j] for j in idx]
+            same = len({it[1].shape for it in items}) == 1                  # batch same-size images
+            for grp in ([list(zip(idx, items))] if same else [[(j, it)] for j, it in zip(idx, items)]):
+                pred = predict_depth(backbone, head, torch.stack([it[0] for _, it in grp]), p, s, cfg.test_flip, cfg.extract_batch).cpu()
+                per += [(j, depth_metrics(pr, it[1], cfg.min_depth, cfg.max_depth)) for pr, (j, it) in zip(pred, grp)]
+            bar.update(1)
+        bar.close(); per = sorted(gather_lists(per), key=lambda jm: jm[0])
+    return mean_metrics([m for _, m in per])
 
 # %% ../nbs/03e_probes.ipynb #6e314647
 def run_depth_probe(backbone: Extractor, root: str | Path | None = None,
@@ -638,10 +741,12 @@ def run_depth_probe(backbone: Extractor, root: str | Path | None = None,
     train_ds, test_ds = load_dataset("nyu", root, "train"), load_dataset("nyu", root, "test")
     bid = backbone_id or backbone_fingerprint(backbone); t0 = time.time()
     ck, fp = _probe_files(checkpoint_dir, "depth_nyu"), probe_fingerprint("depth", cfg, backbone, train_ds, test_ds, backbone_id=bid)
-    if (done := load_probe_result(ck[1], fp)) is not None:
-        return {**done, "head": train_depth_probe(backbone, train_ds, cfg, ck[0], None, patch_size, stride, bid), "from_cache": True}
-    head = train_depth_probe(backbone, train_ds, cfg, ck[0], on_step, patch_size, stride, bid)
-    out = dict(dataset="nyu", **eval_depth_probe(backbone, head, test_ds, cfg), iters=head.iters, n_train=len(train_ds),
-               n_test=len(test_ds), seconds=time.time() - t0, fingerprint=fp)
-    save_probe_result(ck[1], out)
+    with probe_group() as (rank, world):                   # under torchrun: one process group for training and evaluation
+        if (done := from_rank0(lambda: load_probe_result(ck[1], fp))) is not None:
+            return {**done, "head": train_depth_probe(backbone, train_ds, cfg, ck[0], None, patch_size, stride, bid), "from_cache": True}
+        head = train_depth_probe(backbone, train_ds, cfg, ck[0], on_step, patch_size, stride, bid)
+        res = eval_depth_probe(backbone, head, test_ds, cfg)
+    out = dict(dataset="nyu", **res, iters=head.iters, n_train=len(train_ds), n_test=len(test_ds), processes=world,
+               seconds=time.time() - t0, fingerprint=fp)
+    if rank == 0: save_probe_result(ck[1], out)
     return {**out, "head": head, "from_cache": False}

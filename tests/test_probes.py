@@ -190,3 +190,64 @@ def test_a_sigkilled_probe_resumes_to_the_same_result(root, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     fresh = run_seg_probe(PlantedBackbone(), root, "voc", "smoke", iters=6, save_every=2, batch_size=2)   # uninterrupted
     fct.test_eq(resumed.stdout.split("result")[-1].strip(), repr((fresh["mIoU"], float(fresh["head"].conv.weight.detach().double().sum()))))
+
+
+_TORCHRUN_WORKER = r'''
+import json, os, sys
+from pathlib import Path
+import torch
+import dvt.probes as P, dvt.evaljobs as E
+from dvt.synthetic import PlantedBackbone
+root, out = Path(sys.argv[1]), Path(sys.argv[2]); rank = int(os.environ["RANK"])
+writes = []
+def spy(mod, name):
+    f = getattr(mod, name)
+    def g(*a, **k): writes.append((name, Path(a[0]).name if a and a[0] else None)); return f(*a, **k)
+    setattr(mod, name, g)
+for mod, name in ((P, "save_probe_state"), (P, "save_probe_result"), (P, "write_json"), (E, "atomic_write_json")): spy(mod, name)
+resumed, load = [], P.load_probe_state
+def load_spy(*a):
+    s = load(*a); resumed.append(s and s["iteration"]); return s
+P.load_probe_state = load_spy
+bb = PlantedBackbone("tiny")
+seg = P.run_seg_probe(bb, root, "voc", P.SegProbeConfig.smoke(**json.loads(sys.argv[3])), checkpoint_dir=out / "ck")
+dep = P.run_depth_probe(bb, root, P.DepthProbeConfig.smoke(**json.loads(sys.argv[4])), checkpoint_dir=out / "ck")
+E.eval_cli(["run", "--profile", "smoke", "--task", "voc", "--model", "planted", "--variant", "baseline", "--results",
+            str(out / "results"), "--data-root", str(root), "--device", "cpu"])
+torch.save({"seg": {k: v for k, v in seg.items() if k != "head"}, "seg_head": seg["head"].state_dict(),
+            "dep": {k: v for k, v in dep.items() if k != "head"}, "dep_head": dep["head"].state_dict(), "writes": writes, "resumed": resumed},
+           out / f"rank{rank}.pt")
+'''
+
+def test_torchrun_two_processes_match_one(root, tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo, CPU) gives the heads and metrics of one process with the same global batch
+    (3 samples: uneven shares 2 + 1), resumes a checkpoint written by one process, and only rank 0 writes files."""
+    import json, os, subprocess, sys
+    import torch.distributed as dist
+    from dvt.evaljobs import JobEnv, run_job
+    bb = PlantedBackbone("tiny")
+    seg_kw, dep_kw = dict(iters=4, batch_size=3, save_every=2), dict(iters=3, batch_size=2, crop=(64, 80), bn=True)
+    ref_seg = run_seg_probe(bb, root, "voc", SegProbeConfig.smoke(**seg_kw))
+    ref_dep = run_depth_probe(bb, root, DepthProbeConfig.smoke(**dep_kw))
+    ref_job = run_job("planted", "baseline", "voc", "smoke", JobEnv(results=tmp_path / "one", data_root=root, device="cpu"))
+    assert not dist.is_initialized() and ref_seg["processes"] == 1        # one process: no process group
+    with pytest.raises(Killed):                                   # one process stops after iteration 3: its checkpoint is at 2
+        run_seg_probe(bb, root, "voc", SegProbeConfig.smoke(**seg_kw), checkpoint_dir=tmp_path / "ck", on_step=_kill_at(3))
+    script = tmp_path / "worker.py"; script.write_text(_TORCHRUN_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                        str(root), str(tmp_path), json.dumps(seg_kw), json.dumps(dep_kw)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = [torch.load(tmp_path / f"rank{k}.pt", weights_only=False) for k in (0, 1)]
+    for kind, ref in (("seg_head", ref_seg["head"]), ("dep_head", ref_dep["head"])):
+        for name, w in ref.state_dict().items():                  # float sums in another order: 1e-6, not bit-for-bit
+            for g in got: torch.testing.assert_close(g[kind][name], w, atol=1e-6, rtol=1e-5, msg=lambda m: f"{kind}.{name}: {m}")
+    for g in got:
+        assert abs(g["seg"]["mIoU"] - ref_seg["mIoU"]) < 1e-9 and abs(g["dep"]["rmse"] - ref_dep["rmse"]) < 1e-6
+        assert g["seg"]["processes"] == 2 and g["seg"]["from_cache"] is False
+    assert got[0]["resumed"][0] == 2 and got[1]["resumed"] == []          # rank 0 read the one-process checkpoint, sent it on
+    ours = lambda g: {w for w in g["writes"] if w[0] != "atomic_write_json" or w[1].startswith("planted__baseline")}   # not input hash memos
+    assert ours(got[1]) == set() and {"save_probe_state", "save_probe_result", "atomic_write_json"} <= {w[0] for w in ours(got[0])}
+    res = json.loads((tmp_path / "results/smoke/voc/planted__baseline.json").read_text())
+    assert res["device"]["world_size"] == 2 and res["fingerprint"] == ref_job["fingerprint"]
+    for k, v in ref_job["metrics"].items(): assert abs(res["metrics"][k] - v) < 1e-6, (k, res["metrics"][k], v)
