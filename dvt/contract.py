@@ -189,6 +189,19 @@ def _srt(inner, arg: str | None = None, **srt_options):
     from dvt.resonance import SRTTeacher
     return SRTTeacher(inner, radius=int(arg) if arg else 3, **srt_options)
 
+@register_variant("srt_noise")
+def _srt_noise(inner, arg: str | None = None, **noise_options):
+    "SRT's released Gaussian-noise baseline: `srt_noise@<n>:inner` averages the clean image and `n` noisy copies (default 49)."
+    from dvt.resonance import SRTBaseline
+    return SRTBaseline(inner, "noise", **({"n": int(arg)} if arg else {}), **noise_options)
+
+@register_variant("srt_bicubic")
+def _srt_bicubic(inner, arg: str | None = None):
+    "SRT's released bicubic baseline: tokens upsampled bicubically x patch, then average-pooled back (one forward pass)."
+    if arg: raise ValueError(f"srt_bicubic takes no argument; got srt_bicubic@{arg}.")
+    from dvt.resonance import SRTBaseline
+    return SRTBaseline(inner, "bicubic")
+
 # %% ../nbs/00c_contract.ipynb #57b5fe16
 @register_variant("distilled")
 def _distilled(inner, arg: str | None = None, folder: str = "voc_distilled"):

@@ -11,32 +11,40 @@ import torch
 from .core import repo_root, pick_device
 
 # %% auto #0
-__all__ = ['JOB_PROFILES', 'TASKS', 'TRAIN_KINDS', 'VARIANTS', 'FULL_GRID', 'SMOKE_GRID', 'SMOKE_MODELS', 'REHEARSAL_MODELS',
-           'TASK_RUNNERS', 'H100_BF16_FLOPS', 'ASSUMED_UTILISATION', 'STAGE1_FIT_S', 'EVAL_EPILOG', 'SMOKE_TABLE_LABEL',
-           'grid', 'check_job_profile', 'default_models', 'Job', 'JobEnv', 'env_flags', 'protocol', 'file_sha256',
+__all__ = ['JOB_PROFILES', 'TASKS', 'RETRIEVAL_TASKS', 'TRAIN_KINDS', 'VARIANTS', 'SRT_BASELINES', 'FULL_GRID', 'SMOKE_GRID',
+           'SMOKE_MODELS', 'SMOKE_PLANTED_ONLY', 'REHEARSAL_MODELS', 'RETRIEVAL_TRAIN_IMAGES', 'TASK_RUNNERS',
+           'H100_BF16_FLOPS', 'ASSUMED_UTILISATION', 'STAGE1_FIT_S', 'EVAL_EPILOG', 'SMOKE_TABLE_LABEL', 'grid',
+           'check_job_profile', 'default_models', 'Job', 'JobEnv', 'env_flags', 'protocol', 'file_sha256',
            'text_sha256', 'tensors_sha256', 'atomic_write_json', 'MissingInputs', 'Input', 'check_inputs', 'job_inputs',
            'backbone_input', 'weights_file_input', 'released_denoiser_input', 'upstream_input', 'dataset_input',
            'image_list_input', 'resolve_image_list', 'data_root_for', 'prepare_profile', 'JobBusy', 'lock_held',
            'protocol_card', 'code_sha256', 'protocol_summary', 'read_result', 'job_state', 'run_job', 'peak_memory',
-           'variant_spec', 'build_extractor', 'make_extractor', 'dino_protocol', 'vit_flops', 'estimate_gpu_hours',
-           'plan', 'shard', 'format_plan', 'status', 'work', 'submit', 'eval_cli', 'collect', 'result_rows',
-           'protocol_note', 'write_result_table']
+           'variant_spec', 'build_extractor', 'make_extractor', 'dino_protocol', 'eval_depth_output_ensemble',
+           'vit_flops', 'estimate_gpu_hours', 'plan', 'shard', 'format_plan', 'status', 'work', 'submit', 'eval_cli',
+           'collect', 'result_rows', 'protocol_note', 'write_result_table']
 
 # %% ../nbs/07_evaljobs.ipynb #9a04e2e7
 JOB_PROFILES = ("smoke", "rehearsal", "full")
-TASKS = ("mic", "voc", "ade", "nyu", "davis", "lost")
+TASKS = ("mic", "voc", "ade", "nyu", "davis", "lost", "hb_voc", "hb_ade", "oc_voc", "oc_ade")
+RETRIEVAL_TASKS = {"hb_voc": ("hummingbird", "voc"), "hb_ade": ("hummingbird", "ade"),      # training-free: no probe
+                   "oc_voc": ("overclustering", "voc"), "oc_ade": ("overclustering", "ade")}
 TRAIN_KINDS = {"train": "ours", "distill": "distilled"}        # training job kind -> the variant its weights make
-VARIANTS = ("baseline", "voc_denoised", "ours", "distilled", "srt", "ours+srt")
+VARIANTS = ("baseline", "voc_denoised", "ours", "distilled", "srt", "ours+srt", "srt_noise", "srt_bicubic", "srt_output",
+            "rasa")
+SRT_BASELINES = {"srt_noise": "noise", "srt_bicubic": "bicubic", "srt_output": "output"}   # variant -> SRT's released baseline
 FULL_GRID = {                                                     # task -> the variants evaluated on it
-    "mic": ("baseline", "voc_denoised", "ours", "srt"),
-    "voc": ("baseline", "voc_denoised", "ours", "distilled"),
-    "ade": ("baseline", "voc_denoised", "ours", "distilled"),
-    "nyu": ("baseline", "voc_denoised", "ours", "distilled", "srt", "ours+srt"),
+    "mic": ("baseline", "voc_denoised", "ours", "srt", "rasa"),
+    "voc": ("baseline", "voc_denoised", "ours", "distilled", "rasa"),
+    "ade": ("baseline", "voc_denoised", "ours", "distilled", "rasa"),
+    "nyu": ("baseline", "voc_denoised", "ours", "distilled", "srt", "ours+srt", "srt_noise", "srt_bicubic", "srt_output", "rasa"),
     "davis": ("baseline", "voc_denoised", "ours", "srt", "ours+srt"),
-    "lost": ("baseline", "voc_denoised", "ours", "srt")}
+    "lost": ("baseline", "voc_denoised", "ours", "srt"),
+    **{t: ("baseline", "voc_denoised", "ours", "distilled", "srt", "rasa") for t in RETRIEVAL_TASKS}}
 SMOKE_GRID = {"mic": ("baseline", "ours"), "voc": ("baseline", "ours"), "ade": ("baseline", "ours"),
-              "nyu": ("baseline", "ours", "srt"), "davis": ("baseline", "ours", "srt"), "lost": ("baseline", "ours", "srt")}
+              "nyu": ("baseline", "ours", "srt", "srt_noise", "srt_bicubic", "srt_output"), "davis": ("baseline", "ours", "srt"),
+              "lost": ("baseline", "ours", "srt"), **{t: ("baseline", "ours", "rasa") for t in RETRIEVAL_TASKS}}
 SMOKE_MODELS = ("planted", "vit_small_patch14_dinov2.lvd142m")
+SMOKE_PLANTED_ONLY = ("srt_noise", "srt_bicubic", "srt_output", "rasa")   # smoke computes these for the toy only (budget)
 REHEARSAL_MODELS = ("vit_base_patch14_dinov2.lvd142m",)
 
 def grid(profile: str) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
@@ -70,6 +78,8 @@ class Job:
                 raise ValueError(f"a {self.task!r} job makes the {TRAIN_KINDS[self.task]!r} variant; got variant={self.variant!r}.")
         elif self.task not in TASKS: raise ValueError(f"task={self.task!r} is unknown; use one of {TASKS + tuple(TRAIN_KINDS)}.")
         if self.variant not in VARIANTS: raise ValueError(f"variant={self.variant!r} is unknown; use one of {VARIANTS}.")
+        if self.variant == "srt_output" and self.task != "nyu":
+            raise ValueError(f"srt_output averages a depth probe's predictions over shifts: task 'nyu' only, not {self.task!r}.")
         if self.model == "planted" and self.variant in ("voc_denoised", "distilled"):
             raise ValueError(f"the planted toy has no {self.variant!r} variant (no released denoiser, no timm ViT to distil).")
     @property
@@ -124,6 +134,8 @@ def protocol(job: Job) -> dict:
     from dvt.discovery import PropagationConfig
     prof, t = job.profile, job.task
     p = {"seed": 0, "layer": -1, "norm": True}
+    if job.variant in SRT_BASELINES: p["srt_baseline"] = _srt_baseline_protocol(job)
+    if job.variant == "rasa": p["rasa"] = _rasa_protocol(job)
     if job.variant in ("srt", "ours+srt"): p["srt"] = {"radius": {"smoke": 1}.get(prof, 3), "batch_size": 16 if prof == "smoke" else 32}
     if t in ("voc", "ade"):
         cfg = {"smoke": lambda: SegProbeConfig.smoke(iters=20), "rehearsal": lambda: SegProbeConfig.paper(iters=1),
@@ -138,6 +150,7 @@ def protocol(job: Job) -> dict:
     elif t == "lost": p["lost"] = {"k_patches": 100, "max_images": 6 if prof == "smoke" else None, "year": 2012, "split": "trainval"}
     elif t == "mic": p["mic"] = {"n_images": {"smoke": 2, "rehearsal": 1, "full": 50}[prof], "k": 4,
                                  "stage1": _stage1_protocol(job)}
+    elif t in RETRIEVAL_TASKS: p["retrieval"] = _retrieval_protocol(job)
     elif t in TRAIN_KINDS: p.update(_train_protocol(job))
     return json.loads(json.dumps(p, default=list))
 
@@ -162,6 +175,34 @@ def _train_protocol(job: Job) -> dict:
                                                                    save_every=1),
            "full": DISTILL_PRESETS["paper"]}[prof]
     return {"images": n, "stage3": cfg.to_dict()}
+
+# %% ../nbs/07_evaljobs.ipynb #e5b300c1
+RETRIEVAL_TRAIN_IMAGES = {"voc": 1464, "ade": 20210}   # training images of VOC 2012 (segmentation) and ADE20K
+
+def _retrieval_protocol(job: Job) -> dict:
+    "Hummingbird or overclustering settings of `job` (a `RETRIEVAL_TASKS` task) under its profile."
+    from dvt.retrieval import hummingbird_config, overcluster_config
+    kind, ds = RETRIEVAL_TASKS[job.task]; prof = job.profile
+    if kind == "hummingbird":
+        cut = {"smoke": dict(size=112, memory_size=200), "rehearsal": dict(memory_size=1024, max_train=4, max_val=4),
+               "full": dict(memory_size=1_024_000, memory_per_image=-(-1_024_000 // RETRIEVAL_TRAIN_IMAGES[ds]))}[prof]
+        cfg = hummingbird_config("smoke" if prof == "smoke" else "open_hummingbird", **cut)
+    else:
+        cfg = (overcluster_config("smoke", size=112) if prof == "smoke" else
+               overcluster_config(n_clusters=100 if ds == "voc" else 300, size=448, max_images=4 if prof == "rehearsal" else None))
+    return {"method": kind, "dataset": ds, **asdict(cfg)}
+
+def _srt_baseline_protocol(job: Job) -> dict:
+    "Settings of SRT's released baseline that `job`'s variant names, with SRT's count of views (radius 1 in smoke, else 3)."
+    r, bs, kind = {"smoke": 1}.get(job.profile, 3), 16 if job.profile == "smoke" else 32, SRT_BASELINES[job.variant]
+    if kind == "noise": return {"kind": kind, "sigma": 0.01, "n": (2 * r + 1) ** 2, "seed": 0, "batch_size": bs}
+    if kind == "bicubic": return {"kind": kind}
+    return {"kind": kind, "radius": r, "paper": True, "batch_size": bs, "head": "trained on the raw features"}
+
+def _rasa_protocol(job: Job) -> dict:
+    "The remover's fit: coordinate regression, up to 4 rounds, on the list's first images (smoke: 2, at stage 1's size)."
+    size = _stage1_protocol(job)["size"] if job.profile == "smoke" else None                    # None: the backbone's input size
+    return {"method": "xy", "iters": 4, "ridge": 0.1, "images": {"smoke": 2, "rehearsal": 2, "full": 100}[job.profile], "size": size}
 
 # %% ../nbs/07_evaljobs.ipynb #55c1a897
 def file_sha256(path: str | Path, cache: Path | None = None) -> str:
@@ -241,6 +282,7 @@ def job_inputs(job: Job, env: JobEnv) -> list[Input]:
     if job.profile in ("smoke", "rehearsal"): prepare_profile(job.profile, env, [job.model])
     ins = [backbone_input(job.model, job.profile, env)]
     if job.variant == "voc_denoised": ins.append(released_denoiser_input(job.model, job.profile, env))
+    if job.variant == "rasa": ins.append(image_list_input(job, env))                  # the remover's fitting images
     if job.variant in ("ours", "ours+srt") and job.task != "train": ins.append(upstream_input(Job(job.model, "ours", "train", job.profile), env))
     if job.task == "distill": ins.append(upstream_input(Job(job.model, "ours", "train", job.profile), env))
     if job.variant == "distilled" and job.task != "distill":
@@ -318,7 +360,9 @@ def upstream_input(up: Job, env: JobEnv) -> Input:
 # %% ../nbs/07_evaljobs.ipynb #42f718b2
 _SPLITS = {"voc": ("voc", ["ImageSets/Segmentation/train.txt", "ImageSets/Segmentation/val.txt"]),
            "ade": ("ade", None), "nyu": ("nyu", ["nyu_train.txt", "nyu_test.txt"]),
-           "davis": ("davis", ["ImageSets/2017/val.txt"]), "lost": ("voc", ["ImageSets/Main/trainval.txt"])}
+           "davis": ("davis", ["ImageSets/2017/val.txt"]), "lost": ("voc", ["ImageSets/Main/trainval.txt"]),
+           "hb_voc": ("voc", ["ImageSets/Segmentation/train.txt", "ImageSets/Segmentation/val.txt"]), "hb_ade": ("ade", None),
+           "oc_voc": ("voc", ["ImageSets/Segmentation/val.txt"]), "oc_ade": ("ade", None)}
 
 def dataset_input(job: Job, env: JobEnv) -> Input:
     "The dataset (or image list) `job` reads, fingerprinted by its split files' sha256 and its image count."
@@ -340,12 +384,12 @@ def dataset_input(job: Job, env: JobEnv) -> Input:
 
 # %% ../nbs/07_evaljobs.ipynb #8e196f41
 def image_list_input(job: Job, env: JobEnv) -> Input:
-    "The training image list of `job` (first `images` entries), fingerprinted by the sha256 of those entries."
+    "The training image list of `job` (first `images` entries; `rasa`: its fit's), fingerprinted by the sha256 of those entries."
     src = Path(env.train_list) if env.train_list else data_root_for(job.profile, env) / "voc_train.txt"
     fix = ("the official DVT list voc_train.txt (image ids of VOC; put it under the data root) or any list of image paths, "
            "passed as --train-list FILE")
     if not src.is_file(): return Input("data", "train list", None, f"{src} not found: {fix}")
-    n = protocol(job)["images"]
+    pr = protocol(job); n = pr["rasa"]["images"] if "rasa" in pr else pr["images"]
     try: paths = resolve_image_list(src, data_root_for(job.profile, env))[:n]
     except FileNotFoundError as e: return Input("data", "train list", None, f"{e}; {fix}")
     return Input("data", "train list", {"list": src.name, "entries_sha256": text_sha256("\n".join(p.name for p in paths)),
@@ -523,6 +567,7 @@ def protocol_summary(job: Job, pr: dict | None = None) -> dict:
     elif job.task == "nyu": res = "480x640"
     elif job.task == "davis": res = f"short side {pr['davis']['short_side']}"
     elif job.task == "lost": res = "native"
+    elif job.task in RETRIEVAL_TASKS: res = f"{pr['retrieval']['size']}² fitted to the grid" if pr["retrieval"]["size"] else "native, padded"
     elif s1.get("size"): res = s1["size"]
     s = {"resolution": res, "layer": "last" if pr["layer"] == -1 else pr["layer"], "final norm": "on" if pr["norm"] else "off",
          "seed": pr["seed"]}
@@ -532,10 +577,21 @@ def protocol_summary(job: Job, pr: dict | None = None) -> dict:
     elif job.task == "davis": s.update(head="label propagation", top_k=pr["davis"]["topk"], context=pr["davis"]["n_last"], short_side=pr["davis"]["short_side"])
     elif job.task == "lost": s.update(head="LOST", k_patches=pr["lost"]["k_patches"])
     elif job.task == "mic": s.update(head="position MIC", images=pr["mic"]["n_images"])
+    elif job.task in RETRIEVAL_TASKS: s.update(_retrieval_summary(pr["retrieval"]))
     elif job.task == "train": s.update(images=pr["images"], stage1=pr["stage1"]["preset"], iters=pr["stage2"]["steps"], batch=pr["stage2"]["batch_size"])
     elif job.task == "distill": s.update(images=pr["images"], iters=pr["stage3"]["steps"], batch=pr["stage3"]["batch_size"])
     if "srt" in pr: s["srt_radius"] = pr["srt"]["radius"]
+    if "rasa" in pr: s["rasa"] = f"{pr['rasa']['method']} regression, <= {pr['rasa']['iters']} rounds, {pr['rasa']['images']} images"
+    if "srt_baseline" in pr: s["srt_baseline"] = " ".join(f"{k}={v}" for k, v in pr["srt_baseline"].items() if k != "batch_size")
     return s
+
+# %% ../nbs/07_evaljobs.ipynb #4c108176
+def _retrieval_summary(q: dict) -> dict:
+    "The card's short form of a retrieval protocol `q`: the head (k-NN vote or k-means) and its size."
+    if q["method"] == "hummingbird":
+        return {"head": f"k-NN retrieval ({q['vote']} vote, k {q['k']}, T {q['temperature']})", "memory": q["memory_size"] or "all",
+                "train images": q["max_train"] or "all"}
+    return {"head": f"k-means overclustering ({q['n_clusters']} clusters, {q['matching']})", "images": q["max_images"] or "all"}
 
 # %% ../nbs/07_evaljobs.ipynb #5491a930
 def read_result(path: str | Path) -> dict | None:
@@ -611,6 +667,8 @@ def _compute(job: Job, env: JobEnv, ins: list[Input], work: Path) -> tuple[dict,
 def variant_spec(job: Job, paths: dict, pr: dict | None = None) -> str:
     "The backbone spec of `job`'s variant (released denoisers by their local file when one is known)."
     pr = pr or protocol(job); m = job.model
+    if job.variant == "srt_noise": return f"srt_noise@{pr['srt_baseline']['n']}:{m}"
+    if job.variant == "srt_bicubic": return f"srt_bicubic:{m}"
     den = {"voc_denoised": paths.get(f"denoiser:{m}") or "released",
            "ours": paths.get(f"job:train/{m}__ours"), "ours+srt": paths.get(f"job:train/{m}__ours")}.get(job.variant)
     inner = f"denoised@{den}:{m}" if den else m
@@ -623,22 +681,37 @@ def build_extractor(job: Job, env: JobEnv, paths: dict, dev: torch.device) -> to
     with torch.random.fork_rng():
         torch.manual_seed(pr["seed"])
         ex = make_extractor(variant_spec(job, paths, pr), pretrained=job.profile == "full", checkpoint=ck,
-                            srt_batch=pr.get("srt", {}).get("batch_size", 32), dino_pos_embed=dino_protocol(job))
+                            srt_batch=pr.get("srt", {}).get("batch_size", 32), dino_pos_embed=dino_protocol(job),
+                            variant_options={"srt_noise": {k: v for k, v in pr["srt_baseline"].items() if k not in ("kind", "n")}}
+                            if job.variant == "srt_noise" else None)
+    if job.variant == "rasa": ex = _fit_rasa(job, env, ex.to(dev).eval(), paths["data:train list"], pr["rasa"])
     return ex.to(dev).eval()
 
 # %% ../nbs/07_evaljobs.ipynb #e923e9a2
-def make_extractor(spec: str, pretrained: bool = True, checkpoint: str | None = None, srt_batch: int = 32,
-                   dino_pos_embed: bool = False) -> torch.nn.Module:
-    "Build the extractor of a backbone `spec` (`name`, `denoised@released|<file>:inner`, `srt@<r>:inner`) with `dvt.contract.make_backbone`."
+def make_extractor(spec: str,                              # `name`, `denoised@released|<file>:inner`, `srt@<r>:inner`, `srt_noise@<n>:inner`...
+                   pretrained: bool = True,                # timm's pretrained weights (when no `checkpoint`)
+                   checkpoint: str | None = None,          # a local weights file for the base
+                   srt_batch: int = 32,                    # SRT's views per forward pass
+                   dino_pos_embed: bool = False,           # DINO's position-embedding resampling (DINO v1 on DAVIS)
+                   variant_options: dict | None = None,    # `{variant name: options}` for other variants of the spec
+                  ) -> torch.nn.Module:
+    "Build the extractor of a backbone `spec` with `dvt.contract.make_backbone`."
     from dvt.contract import make_backbone, parse_spec
     _, (base, _) = parse_spec(spec)
     opts = {} if base == "planted" else {"pretrained": pretrained and checkpoint is None, "checkpoint": checkpoint}
     if dino_pos_embed and base != "planted": opts["dino_pos_embed"] = True
-    return make_backbone(spec, srt={"batch_size": srt_batch}, **opts)
+    return make_backbone(spec, srt={"batch_size": srt_batch}, **(variant_options or {}), **opts)
 
 def dino_protocol(job: Job) -> bool:
     "DINO (v1) models on DAVIS follow DINO's own evaluation, so they resample position embeddings with DINO's rule."
     return job.task == "davis" and job.model.split(".")[-1] == "dino"
+
+def _fit_rasa(job: Job, env: JobEnv, ex: torch.nn.Module, train_list: str, q: dict) -> torch.nn.Module:
+    "`ex` followed by the linear positional-subspace remover fitted (closed form) on the first `q['images']` of `train_list`."
+    from dvt.diagnostics import fit_position_remover
+    from dvt.data import load_image
+    imgs = [load_image(p) for p in resolve_image_list(train_list, data_root_for(job.profile, env))[:q["images"]]]
+    with torch.no_grad(): return fit_position_remover(ex, imgs, q["method"], q["iters"], size=q["size"], ridge=q["ridge"])
 
 # %% ../nbs/07_evaljobs.ipynb #e4567759
 def _with_ckpt(fn, kwargs: dict, work: Path) -> dict:
@@ -656,7 +729,8 @@ def _run_nyu(job, env, ex, work, dev) -> tuple[dict, dict]:
     q = protocol(job)["probe"]
     cfg = DepthProbeConfig(**{**q, "crop": tuple(q["crop"]), "device": dev.type})
     r = run_depth_probe(ex, data_root_for(job.profile, env), config=cfg, **_with_ckpt(run_depth_probe, {}, work))
-    return {k: r[k] for k in ("rmse", "abs_rel", "d1") if k in r}, {"counts": {"train": r["n_train"], "test": r["n_test"]}}
+    out = {k: r[k] for k in ("rmse", "abs_rel", "d1") if k in r}, {"counts": {"train": r["n_train"], "test": r["n_test"]}}
+    return _output_ensemble_nyu(job, env, ex, r["head"], cfg, out) if job.variant == "srt_output" else out
 
 def _run_davis(job, env, ex, work, dev) -> tuple[dict, dict]:
     from dvt.discovery import run_davis, PropagationConfig
@@ -694,6 +768,48 @@ def _run_mic(job, env, ex, work, dev) -> tuple[dict, dict]:
             maps.setdefault("planted artifact (truth)", []).append(parts["artifact"][0].cpu())
     mic = {k: sum(position_mic(f, k=q["k"])["mic"] for f in fs) / len(fs) for k, fs in maps.items()}
     return {"position MIC": mic.pop("tokens"), **mic}, {"counts": {"images": len(photos)}}
+
+# %% ../nbs/07_evaljobs.ipynb #e8c70982
+def _run_retrieval(job, env, ex, work, dev) -> tuple[dict, dict]:
+    from dvt.retrieval import run_hummingbird, run_overclustering, HummingbirdConfig, OverclusterConfig
+    q = dict(protocol(job)["retrieval"]); kind, ds = q.pop("method"), q.pop("dataset"); root = data_root_for(job.profile, env)
+    if kind == "hummingbird":
+        r = run_hummingbird(ex, root, ds, HummingbirdConfig(**q), device=dev.type)
+        counts = {"train": r["n_train"], "val": r["n_val"], "memory": r["memory"]}
+    else:
+        r = run_overclustering(ex, root, ds, OverclusterConfig(**q), device=dev.type)
+        counts = {"images": r["n_images"], "patches": r["n_patches"]}
+    return {k: r[k] for k in ("mIoU", "mAcc", "aAcc")}, {"counts": counts}
+
+# %% ../nbs/07_evaljobs.ipynb #7921a630
+@torch.no_grad()
+def eval_depth_output_ensemble(backbone,                  # the frozen extractor the head was trained on
+                               head,                      # a trained `dvt.probes.DepthHead` (its `grid` is used)
+                               test_ds,                   # the NYU test split
+                               cfg,                       # the probe's `DepthProbeConfig` (flip, depth range, extract batch)
+                               radius: int = 3,           # shifts in [-radius, radius]² px
+                               paper: bool = True,        # the released arithmetic of `output_ensemble`
+                               batch_size: int = 32) -> dict:   # shifted images per prediction call
+    "NYU metrics of a depth probe whose test predictions are averaged over shifted copies of each image (SRT's output baseline)."
+    from dvt.probes import predict_depth, prepare_extractor
+    from dvt.metrics import depth_metrics, mean_metrics
+    from dvt.resonance import output_ensemble
+    p, s = head.grid; backbone = prepare_extractor(backbone, next(head.parameters()).device)
+    predict = lambda x: predict_depth(backbone, head, x, p, s, cfg.test_flip, cfg.extract_batch)   # (V, H, W)
+    per = []
+    for i in range(len(test_ds)):
+        img, dep = test_ds[i]
+        pred = output_ensemble(predict, img[None], radius, paper=paper, batch_size=batch_size)[0].cpu()
+        per.append(depth_metrics(pred, dep, cfg.min_depth, cfg.max_depth))
+    return mean_metrics(per)
+
+def _output_ensemble_nyu(job, env, ex, head, cfg, single: tuple[dict, dict]) -> tuple[dict, dict]:
+    "The `srt_output` cell: the ensemble's metrics, and the same head's single-view ones in `single_view`."
+    from dvt.datasets import load_dataset
+    q = protocol(job)["srt_baseline"]
+    m = eval_depth_output_ensemble(ex, head, load_dataset("nyu", data_root_for(job.profile, env), "test"), cfg, q["radius"],
+                                   q["paper"], q["batch_size"])
+    return {k: m[k] for k in single[0]}, {**single[1], "single_view": single[0]}
 
 # %% ../nbs/07_evaljobs.ipynb #da7d9410
 def _run_train(job, env, paths, work, dev) -> tuple[dict, dict]:
@@ -753,7 +869,7 @@ def _run_distill(job, env, paths, work, dev) -> tuple[dict, dict]:
     return {"final_loss": hist[-1] if hist else None, "weights_sha256": tensors_sha256(w)}, {"weights_file": _rel(w, env), "counts": {"images": len(images)}}
 
 TASK_RUNNERS = {"voc": _run_seg, "ade": _run_seg, "nyu": _run_nyu, "davis": _run_davis, "lost": _run_lost, "mic": _run_mic,
-                "train": _run_train, "distill": _run_distill}
+                **{t: _run_retrieval for t in RETRIEVAL_TASKS}, "train": _run_train, "distill": _run_distill}
 
 # %% ../nbs/07_evaljobs.ipynb #d82dba71
 H100_BF16_FLOPS = 989e12        # dense bf16 peak (NVIDIA's H100 SXM datasheet)
@@ -772,17 +888,21 @@ def vit_flops(model: str, size: int | tuple[int, int] | None = None) -> float:
     return L * (2 * 12 * D * D * N + 4 * N * N * D)
 
 # %% ../nbs/07_evaljobs.ipynb #468b6258
-_SIZES = {"voc_val": 1449, "ade_val": 2000, "nyu_test": 654, "davis_frames": 30 * 67, "lost": 11540}
+_SIZES = {"voc_train": RETRIEVAL_TRAIN_IMAGES["voc"], "voc_val": 1449, "ade_train": RETRIEVAL_TRAIN_IMAGES["ade"], "ade_val": 2000,
+          "nyu_test": 654, "davis_frames": 30 * 67, "lost": 11540}
 
 def estimate_gpu_hours(job: Job) -> float:
     "An estimate of `job`'s H100 bf16 GPU-hours from the FLOPs of its protocol (see above); 0 for CPU profiles' toys."
     if job.model == "planted": return 0.0
     pr = protocol(job); f = vit_flops(job.model); shifts = (2 * pr["srt"]["radius"] + 1) ** 2 if "srt" in pr else 1
+    sb = pr.get("srt_baseline", {}); views = (2 * sb["radius"] + 1) ** 2 + 1 if sb.get("kind") == "output" else 1
+    if sb.get("kind") == "noise": shifts = sb["n"] + 1                    # the clean image and n noisy copies
     t = job.task
     if t in ("voc", "ade"):
         q = pr["probe"]; slide = 6                                           # ~6 windows per test image at 512 short side
         fw = q["iters"] * q["batch_size"] * f + _SIZES[f"{t}_val"] * slide * f
-    elif t == "nyu": q = pr["probe"]; fw = q["iters"] * q["batch_size"] * f * 0.85 + _SIZES["nyu_test"] * 2 * f * 1.3
+    elif t == "nyu": q = pr["probe"]; fw = q["iters"] * q["batch_size"] * f * 0.85 + _SIZES["nyu_test"] * 2 * f * 1.3 * views
+    elif t in RETRIEVAL_TASKS: fw = _retrieval_flops(job, pr["retrieval"])
     elif t == "davis": fw = _SIZES["davis_frames"] * vit_flops(job.model, (480, 854))
     elif t == "lost": fw = _SIZES["lost"] * vit_flops(job.model, (375, 500))
     elif t == "mic": fw = pr["mic"]["n_images"] * f
@@ -793,7 +913,21 @@ def estimate_gpu_hours(job: Job) -> float:
     else:
         st = pr["stage3"]; steps = st["steps"] if not st["epochs"] else math.ceil(st["epochs"] * 1_281_167 / st["batch_size"])
         fw = steps * st["batch_size"] * 4 * f                                # student forward + backward, teacher forward
+    if "rasa" in pr: fw += pr["rasa"]["images"] * f                      # the remover's fitting forwards
     return fw * shifts / (H100_BF16_FLOPS * ASSUMED_UTILISATION) / 3600
+
+# %% ../nbs/07_evaljobs.ipynb #b9101d1b
+def _retrieval_flops(job: Job, q: dict) -> float:
+    "FLOPs of a retrieval job: the forwards of its images, plus 2C per query-memory similarity (k-NN) or point-centre distance per Lloyd step (k-means)."
+    from dvt.contract import fit_size
+    ps = 14 if "patch14" in job.model else 16; size = fit_size(q["size"] or 512, ps, ps); n_tok = (size // ps) ** 2
+    C = next((v for k, v in _ARCH.items() if k in job.model), _ARCH["base"])[0]; fi = vit_flops(job.model, size)
+    if q["method"] == "hummingbird":
+        n_tr, n_val = q["max_train"] or _SIZES[f"{q['dataset']}_train"], q["max_val"] or _SIZES[f"{q['dataset']}_val"]
+        mem = min(q["memory_size"] or math.inf, n_tr * min(n_tok, q["memory_per_image"] or n_tok))
+        return (n_tr + n_val) * fi + n_val * n_tok * mem * 2 * C
+    n = q["max_images"] or _SIZES[f"{q['dataset']}_val"]
+    return n * fi + q["iters"] * n * n_tok * q["n_clusters"] * 2 * C
 
 # %% ../nbs/07_evaljobs.ipynb #43283eb9
 def plan(profile: str = "full", models=None, tasks=None, variants=None) -> list[Job]:
@@ -804,7 +938,8 @@ def plan(profile: str = "full", models=None, tasks=None, variants=None) -> list[
         out += [Job(m, TRAIN_KINDS[k], k, profile) for m in models if not (k == "distill" and m == "planted")]
     for t, vs in g.items():
         out += [Job(m, v, t, profile) for m in models for v in vs
-                if not (m == "planted" and v in ("voc_denoised", "distilled"))]
+                if not (m == "planted" and v in ("voc_denoised", "distilled"))
+                and not (profile == "smoke" and m != "planted" and v in SMOKE_PLANTED_ONLY)]
     return [j for j in out if (not tasks or j.task in tasks) and (not variants or j.variant in variants)]
 
 def shard(jobs: list[Job], spec: str | None) -> list[Job]:

@@ -64,6 +64,7 @@ class HummingbirdConfig:
     vote: str = "softmax"               # 'softmax' (weighted label distributions) or 'majority' (neighbours' argmax)
     size: int | None = None             # None: native size padded to the grid; int: resized to size x size
     memory_size: int | None = None      # cap on memory patches (random subset), None = all
+    memory_per_image: int | None = None # cap per training image (random subset, as the bank is built), None = all
     memory_void: str = "ignore"         # void pixels of memory labels: 'ignore' (left out) or 'background' (class 0)
     max_train: int | None = None        # first n training images (None = all)
     max_val: int | None = None          # first n validation images (None = all)
@@ -72,7 +73,7 @@ class HummingbirdConfig:
 
     def validate(self):
         bad = {f: getattr(self, f) for f in ("k", "chunk") if getattr(self, f) < 1}
-        bad |= {f: getattr(self, f) for f in ("size", "memory_size", "max_train", "max_val") if getattr(self, f) is not None and getattr(self, f) < 1}
+        bad |= {f: getattr(self, f) for f in ("size", "memory_size", "memory_per_image", "max_train", "max_val") if getattr(self, f) is not None and getattr(self, f) < 1}
         if self.temperature <= 0: bad["temperature"] = self.temperature
         if bad: raise ValueError(f"invalid retrieval setting(s) {bad}: counts and sizes >= 1 (or None), temperature > 0.")
         if self.vote not in ("softmax", "majority"): raise ValueError(f"vote={self.vote!r}; use 'softmax' or 'majority'.")
@@ -125,7 +126,11 @@ def run_hummingbird(backbone,                              # a TokenBackbone (dv
         f, y = dense_sample(backbone, *train[i], cfg.size, dev)
         if cfg.memory_void == "background": y = torch.where(y == val.ignore_index, 0, y)
         f, yl = f.reshape(-1, f.shape[-1]), patch_labels(y, K, p, s).reshape(-1, K)
-        keep = yl.sum(1) > 0; feats.append(f[keep]); labs.append(yl[keep])
+        keep = yl.sum(1) > 0; f, yl = f[keep], yl[keep]
+        if cfg.memory_per_image is not None and len(f) > cfg.memory_per_image:   # bounds the bank's memory while it is built
+            pick = torch.randperm(len(f), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + i))[:cfg.memory_per_image]
+            f, yl = f[pick], yl[pick]
+        feats.append(f); labs.append(yl)
     mem, mlab = torch.cat(feats), torch.cat(labs)
     if cfg.memory_size is not None and len(mem) > cfg.memory_size:
         pick = torch.randperm(len(mem), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.memory_size]

@@ -18,7 +18,7 @@ def _cli(*args, **kw):
 def test_full_plan_lists_every_job_with_estimates():
     jobs = plan("full")
     assert len(jobs) >= 100 and len({j.name for j in jobs}) == len(jobs)
-    assert {j.task for j in jobs} == {"train", "distill", "mic", "voc", "ade", "nyu", "davis", "lost"}
+    assert {j.task for j in jobs} == {"train", "distill", "mic", "voc", "ade", "nyu", "davis", "lost", "hb_voc", "hb_ade", "oc_voc", "oc_ade"}
     hours = [estimate_gpu_hours(j) for j in jobs]
     assert all(h > 0 for h in hours)
     srt, base = (estimate_gpu_hours(Job("vit_base_patch14_dinov2.lvd142m", v, "nyu")) for v in ("srt", "baseline"))
@@ -152,3 +152,40 @@ def test_dino_models_use_dinos_position_embeddings_on_davis():
     assert not dino_protocol(Job("vit_base_patch14_dinov2.lvd142m", "baseline", "davis", "full"))
     m = make_extractor("vit_small_patch16_224.dino", pretrained=False, dino_pos_embed=True)
     assert m.model._pos_embed.__func__.__name__ == "_dino_pos_embed"
+
+
+def test_training_free_and_srt_baseline_jobs(tmp_path):
+    "Issue 16 item 4 and issue 15 item 10: retrieval / overclustering tasks and SRT's released baselines are grid cells."
+    env = JobEnv(results=tmp_path, device="cpu")
+    r = run_job("planted", "baseline", "hb_voc", "smoke", env)
+    path = Job("planted", "baseline", "hb_voc", "smoke").result_path(tmp_path)
+    assert read_result(path)["fingerprint"] == r["fingerprint"] and 0 <= r["metrics"]["mIoU"] <= 100
+    assert r["protocol"]["retrieval"]["memory_size"] == 200 and 0 < r["counts"]["memory"] <= 200 and "k-NN" in r["summary"]["head"]
+    assert run_job("planted", "baseline", "hb_voc", "smoke", env)["finished"] == r["finished"]          # done: skipped
+    o = run_job("planted", "baseline", "oc_ade", "smoke", env)
+    assert "overclustering" in o["summary"]["head"] and o["counts"]["patches"] >= o["protocol"]["retrieval"]["n_clusters"]
+    e = run_job("planted", "srt_output", "nyu", "smoke", env)
+    assert set(e["single_view"]) == set(e["metrics"]) == {"rmse", "abs_rel", "d1"} and "kind=output radius=1" in e["summary"]["srt_baseline"]
+    n = run_job("planted", "srt_noise", "nyu", "smoke", env)
+    assert "n=9" in n["summary"]["srt_baseline"] and n["metrics"]["rmse"] > 0
+    assert job_state(Job("planted", "srt_noise", "nyu", "smoke"), env)[0] == "done"
+    with pytest.raises(ValueError, match="task 'nyu' only"): Job("planted", "srt_output", "voc", "smoke")
+    a = run_job("planted", "rasa", "oc_voc", "smoke", env)                                  # fitted when the job starts
+    assert a["inputs"]["data:train list"]["images"] == 2 and "regression" in a["summary"]["rasa"]
+
+
+def test_training_free_and_srt_baselines_in_the_plan(tmp_path):
+    full = plan("full", models=["vit_base_patch14_dinov2.lvd142m"])
+    names = {j.name for j in full}
+    assert {f"{t}/vit_base_patch14_dinov2.lvd142m__baseline" for t in ("hb_voc", "hb_ade", "oc_voc", "oc_ade")} <= names
+    assert {f"nyu/vit_base_patch14_dinov2.lvd142m__{v}" for v in ("srt_noise", "srt_bicubic", "srt_output")} <= names
+    h = {v: estimate_gpu_hours(Job("vit_base_patch14_dinov2.lvd142m", v, "nyu")) for v in ("baseline", "srt_noise", "srt_bicubic", "srt_output")}
+    assert h["srt_noise"] > 40 * h["baseline"] and h["baseline"] < h["srt_output"] < h["srt_noise"] and h["srt_bicubic"] == h["baseline"]
+    assert all(estimate_gpu_hours(j) > 0 for j in full if j.task[:3] in ("hb_", "oc_"))
+    smoke = {j.name for j in plan("smoke")}
+    assert "nyu/planted__srt_noise" in smoke and "nyu/vit_small_patch14_dinov2.lvd142m__srt_output" not in smoke   # the budget
+    env = JobEnv(results=tmp_path, data_root=tmp_path / "empty")
+    with pytest.raises(MissingInputs) as e: run_job("vit_base_patch14_dinov2.lvd142m", "baseline", "hb_ade", "full", env)
+    assert "ADEChallengeData2016" in str(e.value) and "data/README.md" in str(e.value)
+    with pytest.raises(MissingInputs, match="nyu"): run_job("vit_base_patch14_dinov2.lvd142m", "srt_noise", "nyu", "full", env)
+    with pytest.raises(MissingInputs, match="voc_train.txt"): run_job("vit_base_patch14_dinov2.lvd142m", "rasa", "hb_voc", "full", env)
