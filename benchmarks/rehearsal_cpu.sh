@@ -9,7 +9,7 @@ MODEL=${1:-vit_base_patch14_dinov2.lvd142m}
 RESULTS=${2:-/tmp/dvt_rehearsal}
 OUT=${OUT:-$(dirname "$0")/rehearsal_cpu.tsv}     # REVERSE=1: the plan from its end (a second worker meets the first)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
-EVAL="python -c 'from dvt.evaljobs import eval_cli; eval_cli()'"
+EVAL="python -c 'import sys; from dvt.evaljobs import eval_cli; sys.exit(eval_cli())'"   # as the console script
 OUT=$(realpath "$OUT"); mkdir -p "$RESULTS"; cd "$RESULTS"    # not the checkout: PYTHONPATH / the installed package decide which dvt runs
 TMP=$(mktemp -d)                                              # this worker's own log and timing files
 kinds_first() {   # plan lines on stdin -> the same lines, every job kind once before any repeat (by estimated cost)

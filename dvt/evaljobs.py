@@ -1062,7 +1062,7 @@ def _dispatch(a, env: JobEnv):
     if a.cmd == "run":
         try: r = run_job(a.model, a.variant, a.task, a.profile, env, force=a.force)
         except (MissingInputs, JobBusy) as e: raise SystemExit(f"dvt_eval: {e}")
-        if r: print(json.dumps({"job": f"{a.task}/{a.model}__{a.variant}", "metrics": r["metrics"], "fingerprint": r["fingerprint"][:16]}))
+        if r and int(os.environ.get("RANK", 0)) == 0: print(json.dumps({"job": f"{a.task}/{a.model}__{a.variant}", "metrics": r["metrics"], "fingerprint": r["fingerprint"][:16]}))
         return r
     jobs = shard(plan(a.profile, a.models, a.tasks, a.variants), a.shard)
     if a.cmd == "plan": print(format_plan(jobs, env, check=not a.no_check)); return jobs
