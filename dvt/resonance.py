@@ -515,11 +515,18 @@ def output_ensemble(predict,               # dense predictor: images (B, 3, H, W
     return out[:, 0] if flat3 else out
 
 # %% ../nbs/03b_srt.ipynb #76fc8439
-def bicubic_pool(tokens: torch.Tensor, patch: int) -> torch.Tensor:
+def bicubic_pool(tokens: torch.Tensor,     # (B, h, w, C)
+                 patch: int,               # the upsampling factor (the patch size)
+                 chunk_bytes: int = 2**28  # the largest upsampled block held at once (maps are independent: exact)
+                ) -> torch.Tensor:
     "Released baseline: tokens `(B, h, w, C)` upsampled ×`patch` bicubically, then average-pooled back to `(B, h, w, C)`."
     if tokens.ndim != 4: raise ValueError(f"tokens must have shape (B, h, w, C); got {tuple(tokens.shape)}.")
-    x = F.interpolate(tokens.permute(0, 3, 1, 2).float(), scale_factor=patch, mode="bicubic", align_corners=False)
-    return F.avg_pool2d(x, patch).permute(0, 2, 3, 1)
+    B, h, w, C = tokens.shape
+    x = tokens.permute(0, 3, 1, 2).reshape(1, B * C, h, w).float()             # every (image, channel) map is its own
+    step = max(1, chunk_bytes // (h * w * patch * patch * 4))                  # maps per block of the (·, h·p, w·p) upsampling
+    up = lambda m: F.avg_pool2d(F.interpolate(m, scale_factor=patch, mode="bicubic", align_corners=False), patch)
+    y = torch.cat([up(x[:, i:i + step]) for i in range(0, B * C, step)], 1)
+    return y.reshape(B, C, h, w).permute(0, 2, 3, 1)
 
 class SRTBaseline(BackboneWrapper):
     "A released SRT baseline as a backbone: `kind='noise'` (`noise_ensemble(backbone, images, **kwargs)`) or `'bicubic'` (`bicubic_pool`)."
