@@ -182,25 +182,30 @@ def overcluster_config(preset: str | OverclusterConfig = "default", **overrides)
     return make_config(OverclusterConfig, OVERCLUSTER_PRESETS, preset, what="overclustering", **overrides)
 
 # %% ../nbs/03h_retrieval.ipynb #ef3f1330
-def kmeans(x: torch.Tensor,                                # (n, C) points
+def kmeans(x: torch.Tensor,                                # (n, C) points (kept in their dtype and device)
            k: int,                                         # clusters
            iters: int = 30,                                # Lloyd iterations (stops early when stable)
-           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:   # of the local generator for the k-means++ seeds
+           seed: int = 0,                                  # of the local generator for the k-means++ seeds
+           chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:   # points per float64 block (bounds the memory)
     "Lloyd's k-means of `x` `(n, C)` from k-means++ seeds (local generator): `(assignment (n,), centres (k, C))`."
     if not 1 <= k <= len(x): raise ValueError(f"k={k} clusters for {len(x)} points; use 1 <= k <= the number of patches.")
-    g = torch.Generator().manual_seed(seed); x = x.double()
-    centres = x[torch.randint(len(x), (1,), generator=g)]
-    d2 = torch.cdist(x, centres).squeeze(1) ** 2
+    g, blocks = torch.Generator().manual_seed(seed), [x[i:i + chunk] for i in range(0, len(x), chunk)]
+    near = lambda c: torch.cat([torch.cdist(b.double(), c).argmin(1) for b in blocks])           # (n,) nearest centre
+    centres = x[torch.randint(len(x), (1,), generator=g)].double()
+    d2 = torch.cat([torch.cdist(b.double(), centres).squeeze(1) ** 2 for b in blocks]).cpu()
     for _ in range(1, k):                                                   # k-means++: far points more likely
         i = torch.multinomial(d2 / d2.sum(), 1, generator=g) if d2.sum() > 0 else torch.randint(len(x), (1,), generator=g)
-        centres = torch.cat([centres, x[i]]); d2 = torch.minimum(d2, ((x - x[i]) ** 2).sum(1))
+        centres = torch.cat([centres, x[i.to(x.device)].double()])
+        d2 = torch.minimum(d2, torch.cat([((b.double() - centres[-1]) ** 2).sum(1) for b in blocks]).cpu())
     for _ in range(iters):
-        assign = torch.cdist(x, centres).argmin(1)
-        sums = torch.zeros_like(centres).index_add_(0, assign, x); n = torch.bincount(assign, minlength=k)
+        assign, sums = near(centres), torch.zeros_like(centres)
+        for b, a in zip(blocks, assign.split([len(b) for b in blocks])): sums.index_add_(0, a, b.double())
+        n = torch.bincount(assign, minlength=k)
         new = torch.where(n[:, None] > 0, sums / n.clamp_min(1)[:, None], centres)   # an empty cluster keeps its centre
         if torch.equal(new, centres): break
         centres = new
-    return torch.cdist(x, centres).argmin(1), centres.float()
+    return near(centres), centres.float()
+
 
 # %% ../nbs/03h_retrieval.ipynb #f637feaa
 def match_clusters(conf: torch.Tensor, matching: str = "hungarian") -> dict:
