@@ -481,14 +481,21 @@ def _rehearsal_denoisers(env: JobEnv, models) -> dict:
 
 # %% ../nbs/07_evaljobs.ipynb #2522e7c7
 def _embed_dim(model: str) -> int:
-    "Token width of timm `model` (from a meta-device build, so no memory is spent)."
-    import timm
-    with torch.device("meta"): return int(timm.create_model(model, pretrained=False).embed_dim)
+    "Token width of timm `model`."
+    return _geometry(model)[0]
 
 def _patch_size(model: str) -> int:
     "Patch size of timm `model`."
+    return _geometry(model)[1]
+
+@__import__("functools").cache
+def _geometry(model: str) -> tuple[int, int]:
+    "`(embed_dim, patch_size)` of timm `model`, from a meta-device build (no memory spent), else a CPU one (timm < 1.0.16 calls `.item()` while building)."
     import timm
-    with torch.device("meta"): return int(timm.create_model(model, pretrained=False).patch_embed.patch_size[0])
+    try:
+        with torch.device("meta"): m = timm.create_model(model, pretrained=False)
+    except RuntimeError: m = timm.create_model(model, pretrained=False)
+    return int(m.embed_dim), int(m.patch_embed.patch_size[0])
 
 # %% ../nbs/07_evaljobs.ipynb #b242f7b9
 class JobBusy(RuntimeError):

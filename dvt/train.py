@@ -121,8 +121,13 @@ def distributed_run(device: str | None = None):
     import atexit, torch.distributed as dist
     opened = dist.is_available() and dist.is_initialized()
     own = init_distributed()                               # torchrun's group cannot be joined twice in one process, so a
-    if not opened and dist.is_available() and dist.is_initialized(): atexit.register(dist.destroy_process_group)  # block never leaves it
+    if not opened and dist.is_available() and dist.is_initialized(): atexit.register(_leave_group)   # block never leaves it
     yield torch.device(device) if device else own
+
+def _leave_group():
+    "At exit: wait for every process, then leave (a process leaving while another still talks to it can hang that one)."
+    import torch.distributed as dist
+    if dist.is_initialized(): dist.barrier(); dist.destroy_process_group()
 
 # %% ../nbs/02f_train.ipynb #2e85b313
 STATE_FILE = "train_state.safetensors"
