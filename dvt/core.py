@@ -11,8 +11,8 @@ import torch
 
 # %% auto #0
 __all__ = ['PROFILES', 'SMOKE_LABEL', 'ARTEFACT_NOTEBOOKS', 'REPRODUCE_WEIGHTS_FIX', 'repo_root', 'figures_dir', 'tables_dir',
-           'artefact_dir', 'seed_everything', 'pick_device', 'default_threads', 'set_threads', 'add_threads_arg',
-           'FixableError', 'fix_hint', 'command', 'check_profile', 'artefact_notebooks', 'reproduce',
+           'artefact_dir', 'progress_bar', 'seed_everything', 'pick_device', 'default_threads', 'set_threads',
+           'add_threads_arg', 'FixableError', 'fix_hint', 'command', 'check_profile', 'artefact_notebooks', 'reproduce',
            'check_parameters', 'reproduce_cli']
 
 # %% ../nbs/00_core.ipynb #c839b26c
@@ -36,6 +36,13 @@ def artefact_dir(name: str, env: str) -> Path:
     "`$env` if set; under `nbdev_test` (which sets `IN_TEST`) a scratch folder, so tests never rewrite tracked files; else `<repo>/name`."
     p = os.environ.get(env) or (os.path.join(tempfile.gettempdir(), f"dvt-nbdev-test-{name}") if os.environ.get("IN_TEST") else None)
     p = Path(p or repo_root() / name); p.mkdir(parents=True, exist_ok=True); return p
+
+# %% ../nbs/00_core.ipynb #pbar0001
+def progress_bar(*args, **kwargs):
+    "`tqdm.auto.tqdm(*args, **kwargs)`, off whenever `$TQDM_DISABLE` is set: tqdm's notebook bar ignores that variable."
+    from tqdm.auto import tqdm
+    if os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false"): kwargs["disable"] = True
+    return tqdm(*args, **kwargs)
 
 # %% ../nbs/00_core.ipynb #2331f9ad
 def seed_everything(seed: int = 0) -> torch.Generator:
@@ -121,11 +128,13 @@ def artefact_notebooks(root: Path | None = None) -> list[Path]:
     return found or sorted(p for p in nbs.glob("[0-9]*.ipynb"))
 
 # %% ../nbs/00_core.ipynb #baa7f942
-def _drop_widget_state(path: Path) -> None:
-    "Remove the saved ipywidgets state (tqdm bars: hundreds of KB, useless without a kernel) from an executed notebook."
-    import nbformat
+def _finish_notebook(path: Path) -> None:
+    "Drop an executed notebook's saved widget state (tqdm bars: KBs, useless without a kernel); record its torch/timm versions."
+    import nbformat, timm
     nb = nbformat.read(str(path), as_version=4)
-    if nb.metadata.pop("widgets", None) is not None: nbformat.write(nb, str(path))
+    nb.metadata.pop("widgets", None)
+    nb.metadata["dvt"] = {"torch": torch.__version__.split("+")[0], "timm": timm.__version__}
+    nbformat.write(nb, str(path))
 
 def reproduce(profile: str = "smoke",                    # "smoke" (CPU, minutes) or "full" (GPU, weights, datasets)
               out: str | Path | None = None,             # folder for the executed notebooks (default runs/<profile>)
@@ -148,7 +157,7 @@ def reproduce(profile: str = "smoke",                    # "smoke" (CPU, minutes
         with _environ(env or {}):
             pm.execute_notebook(str(nb), str(out / nb.name), parameters=params, kernel_name="python3",
                                 cwd=str(root / "nbs"), progress_bar=False, execution_timeout=timeout)
-        _drop_widget_state(out / nb.name)
+        _finish_notebook(out / nb.name)
         done.append(out / nb.name)
     return done
 
@@ -199,9 +208,10 @@ def reproduce_cli(argv: list[str] | None = None):
     a = ap.parse_args(argv)
     if a.golden:
         if a.profile != "smoke": ap.error("--golden regenerates the smoke-profile goldens; drop --profile full")
-        a.out = repo_root() / "tests" / "golden"
+        a.out, a.threads = repo_root() / "tests" / "golden", 1   # as the tests run them (tests/conftest.py): one thread,
     threads = str(set_threads(a.threads))  # this process; the kernels get it through the environment
-    env = {"DVT_THREADS": threads, "OMP_NUM_THREADS": threads, "DVT_WEIGHTS_FIX": REPRODUCE_WEIGHTS_FIX}
+    env = {"DVT_THREADS": threads, "OMP_NUM_THREADS": threads, "DVT_WEIGHTS_FIX": REPRODUCE_WEIGHTS_FIX,
+           **({"TQDM_DISABLE": "1"} if a.golden else {})}                   # no progress bars
     params = {k: _literal(v) for k, v in a.parameter}
     if "profile" in params: ap.error("set the profile with --profile, not -p profile")
     try:

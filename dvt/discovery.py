@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
+from .core import progress_bar as tqdm
 from .core import pick_device
 from .config import make_config
 from .contract import check_backbone, grid_shape, fit_size, valid_size

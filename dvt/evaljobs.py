@@ -535,8 +535,9 @@ def protocol_card(job: Job, env: JobEnv, inputs: list[Input]) -> dict:
     card = {"job": {"model": job.model, "variant": job.variant, "task": job.task, "profile": job.profile},
             "protocol": pr, "summary": protocol_summary(job, pr),
             "inputs": {f"{i.kind}:{i.name}": i.fingerprint for i in inputs}, "dtype": env.dtype}
-    if job.profile != "full": card["code_sha256"] = code_sha256()           # CPU profiles recompute after any code change
-    keys = ("job", "protocol", "inputs", "dtype", "code_sha256")
+    if job.profile != "full":                                            # CPU profiles recompute after any change of code,
+        card["code_sha256"], card["versions"] = code_sha256(), _versions()  # torch or timm (their numbers differ in the last digits)
+    keys = ("job", "protocol", "inputs", "dtype", "code_sha256", "versions")
     card["fingerprint"] = text_sha256(json.dumps({k: card.get(k) for k in keys}, sort_keys=True, default=str))
     dev = pick_device(env.device)
     card["software"] = {"dvt": dvt.__version__, "git_commit": _git_commit(), "torch": torch.__version__, "timm": timm.__version__,
@@ -544,6 +545,10 @@ def protocol_card(job: Job, env: JobEnv, inputs: list[Input]) -> dict:
     card["device"] = {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
                       "world_size": int(os.environ.get("WORLD_SIZE", 1)), "host": socket.gethostname()}
     return card
+
+def _versions() -> dict:
+    import timm
+    return {"torch": torch.__version__, "timm": timm.__version__}
 
 @__import__("functools").cache
 def code_sha256() -> str:

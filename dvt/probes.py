@@ -83,8 +83,9 @@ def prepare_extractor(extractor: Extractor, device) -> Extractor:
 
 def progress(n: int, desc: str):
     "A tqdm bar of `n` steps that disappears when done (shown by process 0 alone under `torchrun`)."
-    from tqdm.auto import tqdm
-    return tqdm(total=n, desc=desc, leave=False, disable=dist_info()[0] != 0)
+    from dvt.core import progress_bar as tqdm
+    hide = {"disable": True} if dist_info()[0] != 0 else {}   # not disable=False: that would override $TQDM_DISABLE
+    return tqdm(total=n, desc=desc, leave=False, **hide)
 
 # %% ../nbs/03e_probes.ipynb #6a2f9c13
 class GlobalBatchNorm2d(nn.BatchNorm2d):

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fastcore.basics import patch
-from tqdm.auto import tqdm
+from .core import progress_bar as tqdm
 from .config import make_config
 from .contract import BackboneSpec, BackboneWrapper, check_backbone, grid_shape
 from .data import check_images

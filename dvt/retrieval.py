@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .core import progress_bar as tqdm
 from .core import pick_device
 from .config import make_config
 from .contract import check_backbone, fit_size, valid_size

@@ -223,7 +223,7 @@ class Progress:
     "A tqdm bar in a terminal or notebook; plain lines (at most every `every` s) when stderr is a file or pipe."
     def __init__(self, total: int, desc: str, initial: int = 0, enabled: bool = True, every: float = 0.0, unit: str = "it",
                  plain: bool | None = None):
-        from tqdm.auto import tqdm
+        from dvt.core import progress_bar as tqdm
         self.total, self.n, self.desc, self.every, self.last = total, initial, desc, every, 0.0
         self.plain = enabled and (plain if plain is not None else not _interactive())
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,

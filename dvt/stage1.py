@@ -5,7 +5,7 @@
 # %% ../nbs/02c_stage1.ipynb #dc74bb45
 from __future__ import annotations
 import math, time, warnings
-from tqdm.auto import tqdm
+from .core import progress_bar as tqdm
 from dataclasses import dataclass, replace
 import numpy as np
 import torch

@@ -189,3 +189,14 @@ def test_training_free_and_srt_baselines_in_the_plan(tmp_path):
     assert "ADEChallengeData2016" in str(e.value) and "data/README.md" in str(e.value)
     with pytest.raises(MissingInputs, match="nyu"): run_job("vit_base_patch14_dinov2.lvd142m", "srt_noise", "nyu", "full", env)
     with pytest.raises(MissingInputs, match="voc_train.txt"): run_job("vit_base_patch14_dinov2.lvd142m", "rasa", "hb_voc", "full", env)
+
+
+def test_cpu_profile_results_are_per_torch_and_timm(tmp_path, monkeypatch):
+    "A smoke / rehearsal result made with another torch or timm is recomputed (their last digits differ); full results are not."
+    import dvt.evaljobs as ej
+    env = JobEnv(results=tmp_path, device="cpu")
+    card = lambda job: ej.protocol_card(job, env, [])["fingerprint"]
+    smoke, full = Job("planted", "baseline", "mic", "smoke"), Job("vit_small_patch14_dinov2.lvd142m", "baseline", "mic", "full")
+    before = card(smoke), card(full)
+    monkeypatch.setattr(ej, "_versions", lambda: {"torch": "2.4.0", "timm": "1.0.15"})
+    assert card(smoke) != before[0] and card(full) == before[1]
