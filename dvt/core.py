@@ -41,7 +41,7 @@ def artefact_dir(name: str, env: str) -> Path:
 def progress_bar(*args, **kwargs):
     "`tqdm.auto.tqdm(*args, **kwargs)`, off whenever `$TQDM_DISABLE` is set: tqdm's notebook bar ignores that variable."
     from tqdm.auto import tqdm
-    if os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false"): kwargs["disable"] = True
+    if os.environ.get("TQDM_DISABLE"): kwargs["disable"] = True               # any value, as tqdm's own reading
     return tqdm(*args, **kwargs)
 
 # %% ../nbs/00_core.ipynb #2331f9ad
