@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from .core import pick_device
 from .config import make_config, lr_schedule
-from .train import dist_info, distributed_run
+from .train import dist_info, init_distributed
 from .runs import atomic_write, clean_temporaries, module_fingerprint, read_json, write_json
 from .contract import check_backbone, grid_shape, fit_size, valid_size, dvt_input_size
 from .datasets import load_dataset, SegmentationDataset, NYUDepthV2
@@ -456,7 +456,11 @@ def _head_and_optimiser(make_head: Callable, in_dim: int, cfg, dev, state: dict 
 @contextmanager
 def probe_group():
     "`(rank, world)` inside: the open process group's, else `torchrun`'s (joined when WORLD_SIZE > 1, kept until exit), else `(0, 1)`."
-    with distributed_run(): yield dist_info()           # joined once, left when the process ends (dvt.train)
+    import atexit, torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        init_distributed()                                 # torchrun's group cannot be joined twice in one process:
+        atexit.register(dist.destroy_process_group)        # joined once, left when the process ends
+    yield dist_info()
 
 def probe_device(device: str | None = None) -> torch.device:
     "`dvt.core.pick_device(device)`, a bare 'cuda' pinned to this process's GPU (the one `torchrun`'s group set)."

@@ -117,17 +117,13 @@ def init_distributed() -> torch.device:
 
 @contextmanager
 def distributed_run(device: str | None = None):
-    "Join `torchrun`'s process group if launched by it (once: it stays open until the process ends); yields `device` or this process's."
-    import atexit, torch.distributed as dist
-    opened = dist.is_available() and dist.is_initialized()
-    own = init_distributed()                               # torchrun's group cannot be joined twice in one process, so a
-    if not opened and dist.is_available() and dist.is_initialized(): atexit.register(_leave_group)   # block never leaves it
-    yield torch.device(device) if device else own
-
-def _leave_group():
-    "At exit: wait for every process, then leave (a process leaving while another still talks to it can hang that one)."
+    "Join `torchrun`'s process group (if launched by it) for the block and leave it after (a group opened outside stays); yields `device` or this process's."
     import torch.distributed as dist
-    if dist.is_initialized(): dist.barrier(); dist.destroy_process_group()
+    opened = dist.is_available() and dist.is_initialized()
+    own = init_distributed()
+    try: yield torch.device(device) if device else own
+    finally:
+        if not opened and dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
 
 # %% ../nbs/02f_train.ipynb #2e85b313
 STATE_FILE = "train_state.safetensors"

@@ -247,8 +247,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     args = [str(pairs), "--preset", "smoke", "--steps", "6", "--batch-size", "4", "--no-progress", "--curve", str(tmp_path / "none.png"),
             "--device", "cpu"]
     script = tmp_path / "run.py"
-    script.write_text("import sys\nfrom dvt.denoiser_train import train_denoiser_cli\ntrain_denoiser_cli()\n"     # a second run in the
-                      "train_denoiser_cli([sys.argv[1], sys.argv[2] + '_again', *sys.argv[3:]])\n")        # same processes: the group stays
+    script.write_text("from dvt.denoiser_train import train_denoiser_cli\ntrain_denoiser_cli()\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(dd.__file__).parents[1])}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(script), args[0], str(tmp_path / "ddp"), *args[1:]], env=env, cwd=tmp_path,
@@ -258,8 +257,6 @@ def test_ddp_two_processes_match_one(tmp_path):
     train_denoiser_cli([args[0], str(tmp_path / "one"), *args[1:]])
     a, b = load_denoiser(tmp_path / "ddp"), load_denoiser(tmp_path / "one")
     for k, v in a.state_dict().items(): fct.test_close(v, b.state_dict()[k], eps=1e-4)
-    again = load_denoiser(tmp_path / "ddp_again").state_dict()
-    assert all(torch.equal(v, again[k]) for k, v in a.state_dict().items())
 
 
 # ---------------------------------------------------------------- generalization (planted backbone, unseen photos)
