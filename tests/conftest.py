@@ -47,6 +47,6 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_report_header(config):
     gold = sorted(Path(__file__).parent.glob("golden/*.ipynb"))
-    made = {str(_golden_versions(p)) for p in gold}
-    same = made == {str(_versions())}
-    return f"golden outputs made with {', '.join(made)}; here {_versions()}: " + ("compared" if same else "run, outputs not compared")
+    made = {json.dumps(_golden_versions(p), sort_keys=True) for p in gold}
+    here = json.dumps(_versions(), sort_keys=True)
+    return f"golden outputs made with {', '.join(made)}; here {here}: " + ("compared" if made == {here} else "run, outputs not compared")
