@@ -465,17 +465,17 @@ def _rehearsal_denoisers(env: JobEnv, models) -> dict:
     "Random denoisers of each of `models` in the official DVT file format, written once to `_inputs/voc_denoised/<model>.pth`."
     from dvt.denoiser import Denoiser
     from dvt.backbones import dvt_input_size
-    import timm
     out = {}
     for m in models:
         if m == "planted": continue
         p = env.inputs_dir("rehearsal") / "voc_denoised" / f"{m}.pth"
-        if not p.is_file():
-            cfg = timm.models.get_pretrained_cfg(m); dim = _embed_dim(m); ps = _patch_size(m)
-            with torch.random.fork_rng():
-                torch.manual_seed(0); den = Denoiser(dim, grid=dvt_input_size(ps) // ps)
-            sd = {(("denoiser." + k[len("block."):]) if k.startswith("block.") else k): v for k, v in den.state_dict().items()}
-            p.parent.mkdir(parents=True, exist_ok=True); tmp = p.with_suffix(".tmp"); torch.save({"denoiser": sd}, tmp); os.replace(tmp, p)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(p.with_suffix(".lock")):                           # two workers never write the same file
+            if not p.is_file():
+                dim, ps = _embed_dim(m), _patch_size(m)
+                with torch.random.fork_rng(): torch.manual_seed(0); den = Denoiser(dim, grid=dvt_input_size(ps) // ps)
+                sd = {(("denoiser." + k[len("block."):]) if k.startswith("block.") else k): v for k, v in den.state_dict().items()}
+                tmp = p.with_suffix(".tmp"); torch.save({"denoiser": sd}, tmp); os.replace(tmp, p)
         out[m] = str(p)
     return out
 
